@@ -1,0 +1,1 @@
+"""MM-Rec runtime."""

@@ -1,0 +1,188 @@
+"""Read and lay out safetensors headers ourselves.
+
+The safetensors library's `safe_open` maps whole files privately and any live slice keeps the whole map
+alive; parsing the header here lets readers take views of a shared read-only map (or `pread` ranges) and
+lets writers lay out every file before a single tensor byte is written.
+
+Format: 8-byte little-endian header length N, N bytes of JSON, then the data section. Each JSON entry is
+{"dtype": str, "shape": [int], "data_offsets": [begin, end]} relative to the data section; the optional
+"__metadata__" entry maps strings to strings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import struct
+from pathlib import Path
+
+# Bytes per element of every dtype safetensors stores.
+DTYPE_SIZES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}
+# torch dtype names ("bfloat16") <-> safetensors dtype codes ("BF16").
+TORCH_NAME_TO_CODE = {
+    "bool": "BOOL", "uint8": "U8", "int8": "I8", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
+    "int16": "I16", "uint16": "U16", "float16": "F16", "bfloat16": "BF16", "int32": "I32",
+    "uint32": "U32", "float32": "F32", "int64": "I64", "uint64": "U64", "float64": "F64",
+}
+CODE_TO_TORCH_NAME = {v: k for k, v in TORCH_NAME_TO_CODE.items()}
+
+MAX_HEADER_BYTES = 100_000_000  # the library's own limit
+
+
+class SafetensorsFormatError(ValueError):
+    """A safetensors file that cannot be trusted; the message starts with the file's path."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpan:
+    """One tensor of a safetensors file: its dtype, shape and absolute byte range in the file."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute file offset of the first byte
+    end: int  # absolute file offset one past the last byte
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclasses.dataclass(frozen=True)
+class SafetensorsHeader:
+    path: Path
+    data_start: int  # absolute offset of the data section (8 + header length)
+    tensors: dict[str, TensorSpan]  # in data order
+    metadata: dict[str, str]
+    file_size: int
+
+
+def _fail(path: Path, message: str) -> SafetensorsFormatError:
+    return SafetensorsFormatError(f"{path}: {message}")
+
+
+def read_header(path: str | os.PathLike) -> SafetensorsHeader:
+    """Parse and validate a safetensors header without reading any tensor data."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            file_size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise _fail(path, f"truncated: {file_size} bytes is too short for a safetensors header")
+            if prefix.startswith(b"version https://git-lfs"):
+                raise _fail(path, "is a Git LFS pointer, not the weights (run `git lfs pull`)")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > MAX_HEADER_BYTES:
+                raise _fail(path, f"header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte limit")
+            if 8 + header_len > file_size:
+                raise _fail(path, f"header length {header_len} is larger than the file ({file_size} bytes); "
+                                  "the file is truncated or not safetensors")
+            raw = f.read(header_len)
+    except OSError as exc:
+        raise _fail(path, f"cannot read ({exc.strerror or exc})") from None
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _fail(path, f"header is not valid JSON ({exc})") from None
+    except _DuplicateKey as exc:
+        raise _fail(path, f"tensor '{exc.args[0]}' is named twice in the header") from None
+    if not isinstance(header, dict):
+        raise _fail(path, "header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _fail(path, "'__metadata__' must map strings to strings")
+    data_start = 8 + header_len
+    data_size = file_size - data_start
+    spans = [_parse_entry(path, name, entry, data_start) for name, entry in header.items()]
+    spans.sort(key=lambda s: (s.start, s.end))
+    expected = data_start
+    for span in spans:
+        if span.start != expected:
+            kind = "overlaps the previous tensor" if span.start < expected else "leaves a gap before it"
+            raise _fail(path, f"tensor '{span.name}' {kind} (offset {span.start - data_start}, "
+                              f"expected {expected - data_start})")
+        expected = span.end
+    if expected - data_start > data_size:
+        raise _fail(path, f"truncated: tensors need {expected - data_start} data bytes but the file has "
+                          f"{data_size}")
+    return SafetensorsHeader(path, data_start, {s.name: s for s in spans}, dict(metadata), file_size)
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _parse_entry(path: Path, name: str, entry: object, data_start: int) -> TensorSpan:
+    if not isinstance(entry, dict):
+        raise _fail(path, f"tensor '{name}': entry is not a JSON object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPE_SIZES:
+        raise _fail(path, f"tensor '{name}': unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in shape):
+        raise _fail(path, f"tensor '{name}': shape must be a list of non-negative integers, got {shape!r}")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+            or offsets[0] > offsets[1]):
+        raise _fail(path, f"tensor '{name}': data_offsets must be [begin, end] with 0 <= begin <= end, "
+                          f"got {offsets!r}")
+    numel = 1
+    for d in shape:
+        numel *= d
+    expected = numel * DTYPE_SIZES[dtype]
+    if offsets[1] - offsets[0] != expected:
+        raise _fail(path, f"tensor '{name}': {dtype} {shape} needs {expected} bytes but its offsets span "
+                          f"{offsets[1] - offsets[0]}")
+    return TensorSpan(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
+
+
+def layout_header(entries: list[tuple[str, str, tuple[int, ...]]],
+                  metadata: dict[str, str] | None = None) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """Lay out a file before writing it.
+
+    entries: (name, dtype code, shape), in the order they should be stored. Tensors are ordered by
+    element size, largest first (stable), so every tensor starts aligned for its dtype with no gaps
+    (safetensors forbids gaps). Returns the full header bytes (length prefix + JSON padded with spaces so
+    the data section starts 8-byte aligned) and {name: (absolute start, absolute end)}.
+    """
+    ordered = sorted(entries, key=lambda e: -DTYPE_SIZES[e[1]])
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    relative: dict[str, tuple[int, int]] = {}
+    offset = 0
+    for name, dtype, shape in ordered:
+        nbytes = DTYPE_SIZES[dtype]
+        for d in shape:
+            nbytes *= d
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        relative[name] = (offset, offset + nbytes)
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    blob = struct.pack("<Q", len(text)) + text
+    data_start = len(blob)
+    return blob, {name: (data_start + a, data_start + b) for name, (a, b) in relative.items()}
