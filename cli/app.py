@@ -1,2 +1,25 @@
-def main():
-    print("hi")
+"""The `mmrec` command line. Each command lives in its own module; heavy imports (torch, dask) happen
+inside the commands that need them, so `mmrec inspect` answers without loading torch."""
+
+from __future__ import annotations
+
+import typer
+
+from . import demo_cmd
+
+app = typer.Typer(name="mmrec", no_args_is_help=True, add_completion=False,
+                  help="Convert Transformer checkpoints to MM-Rec, and run the result.")
+app.command("demo")(demo_cmd.demo)
+
+
+@app.callback()
+def _root() -> None:
+    """Convert Transformer checkpoints to MM-Rec, and run the result."""
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""Sharded safetensors checkpoints (MMREC_SPEC.md "What a checkpoint is"): save, and load lazily.
+
+Loading builds the model on the meta device and fills it tensor by tensor: on CPU each parameter is a view
+of a private (copy-on-write) memory map, so nothing is copied; on a GPU each tensor goes from the map to
+the device on its own, so the host never holds the model.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import MMRecConfig
+from .init import conversion_init
+from .safetensors_format import (CODE_TO_TORCH_NAME, DTYPE_SIZES, TORCH_NAME_TO_CODE, TensorSpan,
+                                 layout_header, read_header)
+from .schema import parameter_specs
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+CONFIG_METADATA_KEY = "mmrec_config"  # config.json copy inside the safetensors metadata (single files)
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the model; the message lists what is wrong."""
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' -> 5_000_000_000 (decimal units; KiB/MiB/GiB are binary). Must be positive."""
+    if isinstance(text, int):
+        value = text
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+        if not match or match.group(2).upper() not in _UNITS:
+            raise ValueError(f"invalid size {text!r}: use a number with an optional unit, e.g. 5GB or 500MB")
+        value = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    if value <= 0:
+        raise ValueError(f"invalid size {text!r}: must be greater than 0")
+    return value
+
+
+def torch_dtype(code_or_name: str | torch.dtype) -> torch.dtype:
+    """'BF16', 'bfloat16' or torch.bfloat16 -> torch.bfloat16."""
+    if isinstance(code_or_name, torch.dtype):
+        return code_or_name
+    name = CODE_TO_TORCH_NAME.get(code_or_name, code_or_name)
+    dtype = getattr(torch, str(name).replace("torch.", ""), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {code_or_name!r}")
+    return dtype
+
+
+def dtype_code(dtype: torch.dtype) -> str:
+    return TORCH_NAME_TO_CODE[str(dtype).replace("torch.", "")]
+
+
+def shard_names(count: int) -> list[str]:
+    if count == 1:
+        return [SINGLE_NAME]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def group_into_shards(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
+    """Greedy, in order: a shard closes when the next tensor would overflow it; a tensor larger than the
+    limit gets a shard of its own."""
+    shards: list[list[str]] = []
+    current: list[str] = []
+    current_bytes = 0
+    for name, nbytes in sizes:
+        if current and current_bytes + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, current_bytes = [], 0
+        current.append(name)
+        current_bytes += nbytes
+    if current:
+        shards.append(current)
+    return shards
+
+
+def write_index(directory: Path, weight_map: dict[str, str], total_size: int) -> None:
+    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+    (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def save_pretrained(model: nn.Module, path: str | os.PathLike, max_shard_size: str | int = "5GB",
+                    dtype: torch.dtype | str | None = None) -> None:
+    """Write config.json, sharded safetensors and (for more than one shard) the index.
+
+    A tied lm_head is stored once, as embedding.weight.
+    """
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    out_dtype = torch_dtype(dtype) if dtype is not None else None
+    tensors = {}
+    for spec in parameter_specs(model.config):
+        tensor = params[spec.name].detach()
+        tensors[spec.name] = tensor.to(out_dtype) if out_dtype is not None else tensor
+    stored_dtype = next(iter(tensors.values())).dtype
+    config_dict = model.config.to_dict() | {"torch_dtype": str(stored_dtype).replace("torch.", "")}
+    groups = group_into_shards([(n, t.numel() * t.element_size()) for n, t in tensors.items()],
+                               parse_size(max_shard_size))
+    names = shard_names(len(groups))
+    weight_map = {}
+    for file_name, group in zip(names, groups):
+        metadata = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(config_dict, sort_keys=True)}
+        entries = [(n, dtype_code(tensors[n].dtype), tuple(tensors[n].shape)) for n in group]
+        header, offsets = layout_header(entries, metadata)
+        with open(directory / file_name, "wb") as f:
+            f.write(header)
+            for name, _ in sorted(offsets.items(), key=lambda item: item[1][0]):
+                data = tensors[name].cpu().contiguous().reshape(-1)
+                f.write(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        weight_map.update({n: file_name for n in group})
+    (directory / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+    if len(groups) > 1:
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        write_index(directory, weight_map, total)
+
+
+def checkpoint_files(path: Path) -> tuple[list[Path], MMRecConfig]:
+    """The safetensors files of a checkpoint directory or single file, and its config."""
+    if path.is_file():
+        files = [path]
+        config_path = path.parent / "config.json"
+    elif path.is_dir():
+        index = path / INDEX_NAME
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"{index}: not a valid index ({exc})") from None
+            files = []
+            for name in dict.fromkeys(weight_map.values()):
+                resolved = (path / name).resolve()
+                if resolved.parent != path.resolve():
+                    raise CheckpointError(f"{index}: names a file outside the checkpoint: {name!r}")
+                files.append(path / name)
+        else:
+            files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{path}: no *.safetensors files")
+        config_path = path / "config.json"
+    else:
+        raise CheckpointError(f"{path}: no such file or directory")
+    if config_path.exists():
+        config = MMRecConfig.load(config_path)
+    else:
+        metadata = read_header(files[0]).metadata
+        if CONFIG_METADATA_KEY not in metadata:
+            raise CheckpointError(f"{path}: no config.json beside it and none in its metadata")
+        config = MMRecConfig.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
+    return files, config
+
+
+def _map_tensor(mapped: mmap.mmap, span: TensorSpan) -> torch.Tensor:
+    """A view of the memory map (no copy) when aligned; otherwise a copy of just this tensor."""
+    dtype = torch_dtype(span.dtype)
+    if span.numel == 0:
+        return torch.empty(span.shape, dtype=dtype)
+    if span.start % DTYPE_SIZES[span.dtype] == 0:
+        return torch.frombuffer(mapped, dtype=dtype, count=span.numel, offset=span.start).view(span.shape)
+    raw = torch.frombuffer(mapped, dtype=torch.uint8, count=span.nbytes, offset=span.start).clone()
+    return raw.view(dtype).view(span.shape)
+
+
+def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    module._parameters[attr] = nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
+
+
+def load_pretrained(cls, path: str | os.PathLike, device=None, dtype=None, strict: bool = True):
+    """Build `cls(config)` on meta and fill it from the checkpoint, one tensor at a time.
+
+    strict=False loads a partial checkpoint: parameters it lacks get the conversion-init values
+    (zeros, ones or Xavier, seed 0), and tensors the model does not have are ignored.
+    """
+    path = Path(path)
+    files, config = checkpoint_files(path)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    want_dtype = torch_dtype(dtype) if dtype is not None else None
+    model = cls.on_meta(config)
+    expected = {spec.name: spec for spec in parameter_specs(config)}
+    tied = config.tie_word_embeddings
+    loaded, unexpected, mismatched = set(), [], []
+    for file in files:
+        header = read_header(file)
+        with open(file, "rb") as f:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if header.file_size else None
+        for name, span in header.tensors.items():
+            if tied and name == "lm_head.weight":
+                continue  # a reference-style state dict stores the tied head too; it is the embedding
+            spec = expected.get(name)
+            if spec is None:
+                unexpected.append(name)
+                continue
+            if span.shape != spec.shape:
+                mismatched.append(f"{name}: checkpoint {list(span.shape)} vs model {list(spec.shape)}")
+                continue
+            tensor = _map_tensor(mapped, span)
+            if want_dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(device=device, dtype=want_dtype)
+            elif device.type != "cpu":
+                tensor = tensor.to(device=device)
+            _set_parameter(model, name, tensor)
+            loaded.add(name)
+    missing = [name for name in expected if name not in loaded]
+    problems = []
+    if mismatched:
+        problems.append("shape mismatches: " + "; ".join(mismatched))
+    if strict and missing:
+        problems.append("missing tensors: " + ", ".join(missing))
+    if strict and unexpected:
+        problems.append("unexpected tensors: " + ", ".join(unexpected))
+    if problems:
+        raise CheckpointError(f"{path}: checkpoint does not match the MM-Rec config: " + " | ".join(problems))
+    fill_dtype = want_dtype or torch_dtype(config.torch_dtype or "float32")
+    for name in missing:
+        _set_parameter(model, name, conversion_init(name, expected[name].shape).to(device, fill_dtype))
+    if tied:
+        model.lm_head.weight = model.embedding.weight
+    return model.eval()

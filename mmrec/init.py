@@ -1,0 +1,66 @@
+"""Deterministic values for parameters a conversion cannot take from a source model.
+
+MMREC_SPEC.md "Initialization": converter-made values are a pure function of (seed, tensor name, shape),
+the same on every run, machine, scheduler, worker count and memory budget. We use a counter-based generator
+(Philox) keyed by a hash of (seed, name, shape) with the counter derived from the row index, so any block of
+rows can be generated on its own and comes out bit-identical to the same rows of the whole tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+import torch
+
+from .schema import init_rule
+
+_WORDS_PER_COUNTER = 4  # Philox4x64 yields four 64-bit words per counter value
+
+
+def _philox_key(seed: int, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    digest = hashlib.sha256(f"mmrec-init\0{seed}\0{name}\0{list(shape)}".encode()).digest()
+    return np.frombuffer(digest[:16], dtype=np.uint64).copy()
+
+
+def uniform_rows(seed: int, name: str, shape: tuple[int, ...], start: int, stop: int) -> np.ndarray:
+    """U[0, 1) float64 values of rows [start, stop) of a tensor of `shape` (row = dim 0)."""
+    cols = math.prod(shape[1:]) if len(shape) > 1 else 1
+    counters_per_row = -(-cols // _WORDS_PER_COUNTER)
+    generator = np.random.Philox(key=_philox_key(seed, name, shape), counter=start * counters_per_row)
+    raw = generator.random_raw((stop - start) * counters_per_row * _WORDS_PER_COUNTER)
+    raw = raw.reshape(stop - start, counters_per_row * _WORDS_PER_COUNTER)[:, :cols]
+    return (raw >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def xavier_bound(shape: tuple[int, ...]) -> float:
+    receptive = math.prod(shape[2:]) if len(shape) > 2 else 1
+    fan_out, fan_in = shape[0] * receptive, shape[1] * receptive
+    return math.sqrt(6.0 / (fan_in + fan_out))
+
+
+def conversion_init(name: str, shape: tuple[int, ...], seed: int = 0, start: int = 0,
+                    stop: int | None = None, rule: str | None = None) -> torch.Tensor:
+    """Float32 rows [start, stop) of the converter-made value of parameter `name`.
+
+    The rule (zeros, ones, xavier_uniform) defaults to mmrec.schema.init_rule for the name.
+    For 1-D tensors "rows" are elements.
+    """
+    shape = tuple(int(s) for s in shape)
+    stop = shape[0] if stop is None else stop
+    if not 0 <= start <= stop <= shape[0]:
+        raise ValueError(f"rows [{start}, {stop}) are outside '{name}' of shape {list(shape)}")
+    rule = rule or init_rule(name, len(shape))
+    block_shape = (stop - start, *shape[1:])
+    if rule == "zeros":
+        return torch.zeros(block_shape, dtype=torch.float32)
+    if rule == "ones":
+        return torch.ones(block_shape, dtype=torch.float32)
+    if rule == "xavier_uniform":
+        if len(shape) < 2:
+            raise ValueError(f"xavier_uniform needs a tensor of 2 or more dims; '{name}' is {list(shape)}")
+        bound = xavier_bound(shape)
+        values = (uniform_rows(seed, name, shape, start, stop) * 2.0 - 1.0) * bound
+        return torch.from_numpy(values.astype(np.float32).reshape(block_shape))
+    raise ValueError(f"unknown init rule {rule!r} for '{name}'")

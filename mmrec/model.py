@@ -1,0 +1,249 @@
+"""MM-Rec v1 (MMREC_SPEC.md): the model, its recurrent state, and generation.
+
+Everything that does not depend on h_{t-1} runs batched over the whole sequence; the only sequential part
+is one fused [B, D] x [D, 2D] product per step plus elementwise work, with no host synchronisation.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import MMRecConfig
+
+
+class BlockState(NamedTuple):
+    """Recurrent state of one block, carried between calls."""
+
+    h: torch.Tensor  # [B, D] last hidden state of the recurrence
+    mem: torch.Tensor  # [B, P, D] the top HDS level (pooled memory slots)
+    acc: torch.Tensor  # [B, D] sum of block outputs since the last memory write
+    n: int  # tokens since the last memory write
+
+
+State = tuple  # tuple[BlockState, ...], one per block
+
+
+def _activation(name: str) -> nn.Module:
+    return {"gelu": nn.GELU(), "gelu_tanh": nn.GELU(approximate="tanh"), "silu": nn.SiLU()}[name]
+
+
+class RMSNorm(nn.Module):
+    """w * x / (||x|| / sqrt(D) + eps): eps is added to the RMS, outside the root (the spec's form)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Half-precision inputs are normalised in float32; float32/float64 stay as they are.
+        xf = x.float() if x.element_size() < 4 else x
+        rms = xf.pow(2).mean(-1, keepdim=True).sqrt()
+        return (self.weight.to(xf.dtype) * (xf / (rms + self.eps))).to(x.dtype)
+
+
+class MDI(nn.Module):
+    """Memory Decay/Integration: the MDI gate weight [A | C] and the two decay MLPs."""
+
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.W_g = nn.Linear(2 * dim, dim)
+        self.W_gamma = nn.Sequential(nn.Linear(dim, inner), nn.GELU(), nn.Linear(inner, dim))
+        self.W_context = nn.Sequential(nn.Linear(dim, inner), nn.GELU(), nn.Linear(inner, dim))
+
+    def decay(self, z: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        gamma = torch.sigmoid(self.W_gamma(z)) * torch.sigmoid(self.W_context(k))
+        return gamma.clamp(1e-6, 1 - 1e-6)
+
+
+class MultiMemoryAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.W_q = nn.Linear(dim, dim)
+        self.W_o = nn.Linear(dim, dim)
+
+    def forward(self, query: torch.Tensor, mem: torch.Tensor) -> torch.Tensor:
+        """query [B, T, D] (already W_q h + 0.5 q), mem [B, P, D] -> context [B, T, D]."""
+        B, T, D = query.shape
+        H = self.num_heads
+        q = query.view(B, T, H, D // H).transpose(1, 2)  # [B, H, T, dh]
+        kv = mem.view(B, mem.shape[1], H, D // H).transpose(1, 2)  # [B, H, P, dh]
+        ctx = F.scaled_dot_product_attention(q, kv, kv)  # softmax over the P slots, no mask
+        return self.W_o(ctx.transpose(1, 2).reshape(B, T, D))
+
+
+def recurrence(z: torch.Tensor, decay_mix: torch.Tensor, z_gate: torch.Tensor, w_h: torch.Tensor,
+               b_block: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """The sequential core, rearranged so each step is one matmul and a few elementwise ops.
+
+    h_t = z ⊙ s + γ ⊙ h + 0.1((1−g) ⊙ h + g ⊙ z + γ ⊙ h)
+        = z ⊙ (s + 0.1 g) + h ⊙ (1.1 γ + 0.1 − 0.1 g)
+    decay_mix = 1.1 γ + 0.1 and z_gate = A z + b_mdi are precomputed for all t;
+    w_h = [W_g ; C] is [2D, D] so one product gives both gates' h-terms.
+    """
+    D = h.shape[-1]
+    outputs = []
+    for t in range(z.shape[1]):
+        gates = F.linear(h, w_h)  # [B, 2D]
+        s = torch.sigmoid(gates[:, :D] + b_block)
+        g = torch.sigmoid(gates[:, D:] + z_gate[:, t]) * 0.1
+        h = z[:, t] * (s + g) + h * (decay_mix[:, t] - g)
+        outputs.append(h)
+    return torch.stack(outputs, dim=1)
+
+
+class MMRecBlock(nn.Module):
+    def __init__(self, config: MMRecConfig):
+        super().__init__()
+        D, F_, I = config.model_dim, config.ffn_dim, config.inner_dim
+        self.config = config
+        self.W_q, self.W_k, self.W_v = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, D)
+        self.W_z, self.W_g = nn.Linear(D, D), nn.Linear(D, D)
+        self.norm1 = RMSNorm(D, config.norm_eps)
+        self.norm2 = RMSNorm(D, config.norm_eps)
+        self.mdi = MDI(D, I)
+        self.multi_mem_attention = MultiMemoryAttention(D, config.num_heads)
+        # Sequential indices 0 and 3 are the reference's parameter names.
+        self.ffn = nn.Sequential(nn.Linear(D, F_), _activation(config.ffn_act), nn.Dropout(config.dropout),
+                                 nn.Linear(F_, D))
+        if config.ffn_gated:
+            self.ffn_gate = nn.Linear(D, F_)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def initial_state(self, batch: int, device, dtype) -> BlockState:
+        D, P = self.config.model_dim, self.config.pooled_slots
+        zeros = torch.zeros(batch, D, device=device, dtype=dtype)
+        return BlockState(zeros, torch.zeros(batch, P, D, device=device, dtype=dtype), zeros.clone(), 0)
+
+    def feed_forward(self, u: torch.Tensor) -> torch.Tensor:
+        up, act, drop, down = self.ffn
+        if self.config.ffn_gated:
+            return down(drop(act(self.ffn_gate(u)) * up(u)))
+        return down(drop(act(up(u))))
+
+    def forward(self, x: torch.Tensor, state: BlockState) -> tuple[torch.Tensor, BlockState]:
+        D, S = self.config.model_dim, self.config.memory_segment_len
+        h, mem, acc, n = state
+        # 1-2. Everything independent of h_{t-1}, batched over the sequence.
+        xn = self.norm1(x)
+        q, k, v, z = self.W_q(xn), self.W_k(xn), self.W_v(xn), self.W_z(xn)
+        gamma = self.mdi.decay(z, k)
+        w_mdi = self.mdi.W_g.weight
+        z_gate = F.linear(z, w_mdi[:, :D], self.mdi.W_g.bias)
+        w_h = torch.cat([self.W_g.weight, w_mdi[:, D:]], dim=0)
+        # 3. The sequential recurrence.
+        hs = recurrence(z, gamma * 1.1 + 0.1, z_gate, w_h, self.W_g.bias, h)
+        query = self.multi_mem_attention.W_q(hs) + 0.5 * q
+        # 4-6. Memory attention and FFN, batched within each stretch between memory writes.
+        outputs, start, T = [], 0, x.shape[1]
+        while start < T:
+            stop = min(T, start + S - n)
+            c = self.multi_mem_attention(query[:, start:stop], mem)
+            y = x[:, start:stop] + self.dropout(hs[:, start:stop] + c + 0.1 * v[:, start:stop])
+            out = y + self.feed_forward(self.norm2(y))
+            outputs.append(out)
+            acc = acc + out.sum(dim=1)
+            n += stop - start
+            if n == S:  # memory write: every slot (so every pooled slot) becomes acc / S
+                mem = (acc / S).unsqueeze(1).expand_as(mem).contiguous()
+                acc, n = torch.zeros_like(acc), 0
+            start = stop
+        out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+        return out, BlockState(hs[:, -1], mem, acc, n)
+
+
+class MMRecModel(nn.Module):
+    def __init__(self, config: MMRecConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.embedding = nn.Embedding(config.vocab_size, config.model_dim)
+        self.blocks = nn.ModuleList(MMRecBlock(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.model_dim, config.norm_eps)
+        self.lm_head = nn.Linear(config.model_dim, config.vocab_size, bias=False)
+        self.gradient_checkpointing = False
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Tied: embedding *is* lm_head's weight (the reference ties them to lm_head's init)."""
+        if self.config.tie_word_embeddings:
+            self.embedding.weight = self.lm_head.weight
+
+    @classmethod
+    def on_meta(cls, config: MMRecConfig) -> "MMRecModel":
+        """Build without allocating: every parameter on the meta device."""
+        with torch.device("meta"):
+            return cls(config)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once
+
+    def gradient_checkpointing_enable(self, enabled: bool = True) -> None:
+        self.gradient_checkpointing = enabled
+
+    def initial_state(self, batch: int, device=None, dtype=None) -> State:
+        ref = self.embedding.weight
+        return tuple(block.initial_state(batch, device or ref.device, dtype or ref.dtype)
+                     for block in self.blocks)
+
+    def forward(self, input_ids: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        """input_ids [B, T] -> (logits [B, T, V], state). Pass the state back to continue the sequence."""
+        if input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+        x = self.embedding(input_ids)
+        if state is None:
+            state = self.initial_state(input_ids.shape[0], x.device, x.dtype)
+        new_state = []
+        for block, block_state in zip(self.blocks, state):
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x, block_state = checkpoint(block, x, block_state, use_reentrant=False)
+            else:
+                x, block_state = block(x, block_state)
+            new_state.append(block_state)
+        return self.lm_head(self.norm(x)), tuple(new_state)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample max_new_tokens after input_ids [B, T]; temperature 0 is greedy.
+
+        The recurrent state carries the whole prefix, so each new token costs one single-token step.
+        """
+        was_training = self.training
+        self.eval()
+        if input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+        logits, state = self(input_ids)
+        tokens = [input_ids]
+        for _ in range(max_new_tokens):
+            next_logits = logits[:, -1].float()
+            if temperature <= 0:
+                next_token = next_logits.argmax(dim=-1, keepdim=True)
+            else:
+                next_logits = next_logits / temperature
+                if top_k is not None and top_k < next_logits.shape[-1]:
+                    kth = torch.topk(next_logits, top_k, dim=-1).values[:, -1:]
+                    next_logits = next_logits.masked_fill(next_logits < kth, -math.inf)
+                probs = torch.softmax(next_logits, dim=-1)
+                next_token = torch.multinomial(probs, 1, generator=generator)
+            tokens.append(next_token)
+            logits, state = self(next_token, state)
+        self.train(was_training)
+        return torch.cat(tokens, dim=1)
+
+    # Checkpoint I/O lives in checkpoint.py; these are the familiar entry points.
+    def save_pretrained(self, path, max_shard_size="5GB", dtype=None) -> None:
+        from .checkpoint import save_pretrained
+        save_pretrained(self, path, max_shard_size=max_shard_size, dtype=dtype)
+
+    @classmethod
+    def from_pretrained(cls, path, device=None, dtype=None, strict: bool = True) -> "MMRecModel":
+        from .checkpoint import load_pretrained
+        return load_pretrained(cls, path, device=device, dtype=dtype, strict=strict)
