@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import typer
 
-from . import demo_cmd
+from . import convert_cmd, demo_cmd
 
 app = typer.Typer(name="mmrec", no_args_is_help=True, add_completion=False,
                   help="Convert Transformer checkpoints to MM-Rec, and run the result.")
 app.command("demo")(demo_cmd.demo)
+app.command("shard-convert")(convert_cmd.shard_convert)
 
 
 @app.callback()

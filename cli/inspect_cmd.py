@@ -1,0 +1,55 @@
+"""`mmrec inspect SOURCE`: what a checkpoint is, from its headers only (no torch import, no tensor read)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+from mmrec.streaming.analysis import analyze
+from mmrec.streaming.sources import SourceError, open_source
+
+# Rows of the readable table: (label, SourceAnalysis field).
+_ROWS = [("model type", "model_type"), ("layout", "layout"), ("vocab size", "vocab_size"),
+         ("model dim", "model_dim"), ("layers", "num_layers"), ("heads", "num_heads"),
+         ("kv heads", "num_kv_heads"), ("head dim", "head_dim"), ("ffn dim", "ffn_dim"),
+         ("activation", "hidden_act"), ("gated mlp", "gated_mlp"), ("norm eps", "norm_eps"),
+         ("tied embeddings", "tied_embeddings"), ("dtype", "dtype"), ("parameters", "num_parameters"),
+         ("bytes", "total_bytes")]
+
+
+def inspect(source: Path = typer.Argument(..., help="Checkpoint file or directory (any supported layout)."),
+            json_output: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table.")):
+    """Analyse a source checkpoint from its headers and config files."""
+    try:
+        catalog = open_source(source)
+        analysis = analyze(catalog)
+    except SourceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise typer.Exit(1)
+    data = analysis.to_dict()
+    if json_output:
+        data["source"] = str(catalog.root)
+        data["num_tensors"] = len(catalog.tensors)
+        data["aux_files"] = [str(p) for p in catalog.aux_files]
+        print(json.dumps(data))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{source}", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    for label, field in _ROWS:
+        value = data[field]
+        text = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+        if field in analysis.guessed:
+            text += "  (guessed from shapes)"
+        table.add_row(label, text)
+    table.add_row("tensors", str(len(catalog.tensors)))
+    table.add_row("files", "\n".join(Path(f).name for f in analysis.files))
+    if catalog.aux_files:
+        table.add_row("copied files", ", ".join(p.name for p in catalog.aux_files))
+    Console().print(table)

@@ -1,0 +1,132 @@
+"""Build the dask graph of a conversion from its plan and layout, and run it on the chosen scheduler.
+
+Graph shape, per output shard:  prepare ──► write (one task per row range of each tensor) ──►
+checksum (one per tensor) ──► seal (fsync). Big tensors are split into several row ranges, so parallelism
+is not capped by the number of shards; every task passes only metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable
+
+from . import tasks
+from .layout import OutputLayout
+from .plan.model import ConversionPlan
+
+TASK_BYTES = 128 << 20  # output bytes per write task: big tensors split, small ones stay one task
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphKeys:
+    writes: dict[str, tuple[str, int]]  # write key -> (tensor name, bytes it writes)
+    checksums: dict[str, str]  # checksum key -> tensor name
+    seals: dict[str, str]  # seal key -> shard file name
+
+
+def build_graph(plan: ConversionPlan, layout: OutputLayout, partial_dir: Path, shards: list[str],
+                source: str, chunk_bytes: int, copy_ranges: dict[str, tuple[str, int, int] | None],
+                task_bytes: int = TASK_BYTES) -> tuple[dict, GraphKeys]:
+    """A low-level dask graph writing the given shards (those a resume has not proven complete)."""
+    graph: dict = {}
+    writes, checksums, seals = {}, {}, {}
+    by_name = {tp.name: tp for tp in plan.tensors}
+    for shard in (s for s in layout.shards if s.file_name in shards):
+        partial = str(partial_dir / (shard.file_name + ".partial"))
+        prepare_key = f"prepare-{shard.file_name}"
+        graph[prepare_key] = (tasks.prepare_shard, partial, shard.header, shard.size)
+        tensor_sums = []
+        for name in shard.tensors:
+            slot, tp = layout.slots[name], by_name[name]
+            rows_per_task = max(1, task_bytes // max(1, slot.row_bytes))
+            write_keys = []
+            for row_start in range(0, max(slot.rows, 1), rows_per_task):
+                row_stop = min(slot.rows, row_start + rows_per_task)
+                key = f"write-{name}-{row_start}"
+                graph[key] = (tasks.write_rows, partial, tp.to_dict(), slot.start, slot.row_bytes, row_start,
+                              row_stop, source, plan.seed, chunk_bytes, copy_ranges.get(name), prepare_key)
+                writes[key] = (name, (row_stop - row_start) * slot.row_bytes)
+                write_keys.append(key)
+            sum_key = f"checksum-{name}"
+            graph[sum_key] = (tasks.checksum_range, partial, slot.start, slot.end, write_keys)
+            checksums[sum_key] = name
+            tensor_sums.append(sum_key)
+        seal_key = f"seal-{shard.file_name}"
+        graph[seal_key] = (tasks.seal_shard, partial, tensor_sums or [prepare_key])
+        seals[seal_key] = shard.file_name
+    return graph, GraphKeys(writes, checksums, seals)
+
+
+@dataclasses.dataclass
+class SchedulerChoice:
+    threads: int = 2  # threaded scheduler (default, in-process)
+    workers: int | None = None  # start a LocalCluster with this many worker processes
+    address: str | None = None  # join an existing dask cluster
+    scheduler_file: str | None = None
+
+    @property
+    def kind(self) -> str:
+        if self.address or self.scheduler_file:
+            return "distributed"
+        return "local-cluster" if self.workers else "threads"
+
+    @property
+    def concurrency(self) -> int:
+        return self.workers or self.threads
+
+
+def run_graph(graph: dict, keys: GraphKeys, scheduler: SchedulerChoice,
+              on_done: Callable[[str, object], None]) -> dict[str, object]:
+    """Run every task; on_done(key, result) is called in the driver as each write/checksum/seal ends."""
+    wanted = [*keys.writes, *keys.checksums, *keys.seals]
+    if not wanted:
+        return {}
+    if scheduler.kind == "threads":
+        return _run_threaded(graph, wanted, scheduler.threads, on_done)
+    return _run_distributed(graph, wanted, scheduler, on_done)
+
+
+def _run_threaded(graph, wanted, threads, on_done):
+    import dask.threaded
+    from dask.callbacks import Callback
+
+    wanted_set = set(wanted)
+
+    class Report(Callback):
+        def _posttask(self, key, result, dsk, state, worker_id):
+            if key in wanted_set:
+                on_done(key, result)
+
+    with Report():
+        values = dask.threaded.get(graph, wanted, num_workers=threads)
+    return dict(zip(wanted, values))
+
+
+def _run_distributed(graph, wanted, scheduler: SchedulerChoice, on_done):
+    from distributed import Client, LocalCluster, as_completed
+
+    cluster = None
+    if scheduler.workers:
+        # memory_limit=0: the nanny counts memory-mapped file pages as worker memory and would kill
+        # healthy workers (ENGINEERING.md); ":0" keeps the dashboard off a fixed port.
+        cluster = LocalCluster(n_workers=scheduler.workers, threads_per_worker=1, processes=True,
+                               memory_limit=0, dashboard_address=":0")
+        client = Client(cluster)
+    elif scheduler.scheduler_file:
+        client = Client(scheduler_file=scheduler.scheduler_file)
+    else:
+        client = Client(scheduler.address)
+    try:
+        futures = client.get(graph, wanted, sync=False)
+        key_of = {future.key: key for future, key in zip(futures, wanted)}
+        results = {}
+        for future in as_completed(futures):
+            key = key_of[future.key]
+            results[key] = future.result()
+            on_done(key, results[key])
+        return results
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()

@@ -1,0 +1,189 @@
+"""The output directory's safety rules: refusals, the lock, the resume journal, and the final commit.
+
+While a run is in progress everything lives in a hidden state directory beside the output
+(`.mmrec-convert/` in the output directory): shard files as `<name>.partial`, `run.json` (what is being
+converted, to refuse a resume with changed inputs or options), `journal.jsonl` (shards proven complete:
+written, fsynced, checksummed) and `lock`. Shards get their final names only once every shard is complete;
+then come the index, `config.json` and `conversion_report.json`, so a directory holding a report is
+complete, and one without it never looks complete.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+from pathlib import Path
+
+from mmrec.checkpoint import INDEX_NAME
+
+STATE_DIR = ".mmrec-convert"
+REPORT_NAME = "conversion_report.json"
+
+
+class OutputRefused(RuntimeError):
+    """The output cannot be written as asked (exists, locked, inside the source, changed inputs)."""
+
+
+def check_not_inside_source(source: Path, output: Path) -> None:
+    src, out = source.resolve(), output.resolve()
+    src_dir = src if src.is_dir() else src.parent
+    if out == src or out == src_dir or src_dir in out.parents:
+        raise OutputRefused(f"--output {output} is inside the source {source}; the source is never written to")
+    if out in src.parents and src.is_dir():
+        raise OutputRefused(f"--output {output} contains the source {source}; choose another output")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class OutputState:
+    """The state directory of one output: lock, run identity, journal of complete shards."""
+
+    def __init__(self, directory: Path, single_file: str | None):
+        self.directory = directory
+        self.single_file = single_file
+        name = STATE_DIR if single_file is None else f".{single_file}{STATE_DIR}"
+        self.path = directory / name
+        self._lock_fd: int | None = None
+
+    # -- what already exists ----------------------------------------------------------------------
+    def final_files(self, shard_names: list[str], aux_names: list[str]) -> list[Path]:
+        if self.single_file:
+            names = [self.single_file, self.report_name]
+        else:
+            names = [*shard_names, INDEX_NAME, "config.json", REPORT_NAME, *aux_names]
+        return [self.directory / n for n in names]
+
+    @property
+    def report_name(self) -> str:
+        if self.single_file:
+            return self.single_file.removesuffix(".safetensors") + "." + REPORT_NAME
+        return REPORT_NAME
+
+    def output_exists(self) -> bool:
+        if self.single_file:
+            return (self.directory / self.single_file).exists() or self.path.exists()
+        return self.directory.exists() and any(self.directory.iterdir())
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+    def prepare(self, identity: dict, resume: bool, overwrite: bool, shard_names: list[str],
+                aux_names: list[str]) -> set[str]:
+        """Create or reuse the state dir; return the shards a resume may keep."""
+        if self.output_exists():
+            if resume and self.path.exists():
+                self._lock()
+                recorded = self._read_identity()
+                if recorded != identity:
+                    changed = sorted(k for k in set(identity) | set(recorded or {})
+                                     if (recorded or {}).get(k) != identity.get(k))
+                    self.unlock()
+                    raise OutputRefused(f"cannot --resume {self.directory}: the {', '.join(changed)} changed "
+                                        "since the interrupted run; use --overwrite to start again")
+                return self._complete_shards(shard_names)
+            if resume:
+                raise OutputRefused(f"cannot --resume {self.directory}: it holds no interrupted conversion")
+            if not overwrite:
+                raise OutputRefused(f"--output {self.directory / (self.single_file or '')} exists and is not "
+                                    "empty; pass --overwrite to replace it or --resume to continue it")
+            self._lock_existing()
+            for path in self.final_files(shard_names, aux_names):
+                if path.is_file():
+                    path.unlink()
+            shutil.rmtree(self.path, ignore_errors=True)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock()
+        write_atomic(self.path / "run.json", json.dumps(identity, indent=2, sort_keys=True))
+        (self.path / "journal.jsonl").unlink(missing_ok=True)
+        return set()
+
+    def _lock_existing(self) -> None:
+        if self.path.exists():
+            self._lock()
+            self.unlock()
+
+    def _lock(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputRefused(f"another conversion is writing to {self.directory}; refusing to run "
+                                "two at once") from None
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _read_identity(self) -> dict | None:
+        try:
+            return json.loads((self.path / "run.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    # -- journal --------------------------------------------------------------------------------------
+    def partial_path(self, shard: str) -> Path:
+        return self.path / (shard + ".partial")
+
+    def record_shard(self, shard: str, checksums: dict[str, str]) -> None:
+        line = json.dumps({"shard": shard, "checksums": checksums}, sort_keys=True)
+        with open(self.path / "journal.jsonl", "a") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def journal(self) -> dict[str, dict[str, str]]:
+        entries = {}
+        try:
+            lines = (self.path / "journal.jsonl").read_text().splitlines()
+        except FileNotFoundError:
+            return entries
+        for line in lines:
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by a kill: that shard is simply redone
+            entries[entry["shard"]] = entry["checksums"]
+        return entries
+
+    def _complete_shards(self, shard_names: list[str]) -> set[str]:
+        """Shards the journal proves complete and whose file is still there (partial or already renamed)."""
+        journal = self.journal()
+        keep = set()
+        for shard in shard_names:
+            if shard in journal and (self.partial_path(shard).exists() or (self.directory / shard).exists()):
+                keep.add(shard)
+        return keep
+
+    # -- commit ---------------------------------------------------------------------------------------
+    def commit(self, shard_names: list[str], files: dict[str, str], copies: list[Path]) -> None:
+        """Give shards their final names, then write the small files, report last; drop the state."""
+        for shard in shard_names:
+            partial = self.partial_path(shard)
+            if partial.exists():
+                os.replace(partial, self.directory / shard)
+        for path in copies:
+            shutil.copyfile(path, self.directory / path.name)
+        for name, text in files.items():
+            write_atomic(self.directory / name, text)
+        fsync_dir(self.directory)
+        self.unlock()
+        shutil.rmtree(self.path, ignore_errors=True)
