@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import typer
 
-from . import convert_cmd, demo_cmd
+from . import convert_cmd, demo_cmd, inspect_cmd, plan_cmd, verify_cmd
 
 app = typer.Typer(name="mmrec", no_args_is_help=True, add_completion=False,
                   help="Convert Transformer checkpoints to MM-Rec, and run the result.")
 app.command("demo")(demo_cmd.demo)
+app.command("inspect")(inspect_cmd.inspect)
+app.command("plan")(plan_cmd.plan)
 app.command("shard-convert")(convert_cmd.shard_convert)
+app.command("verify")(verify_cmd.verify)
+app.command("synth")(demo_cmd.synth)
 
 
 @app.callback()

@@ -52,6 +52,13 @@ def shard_convert(
     for option, value in (("--threads", threads), ("--workers", workers)):
         if value is not None and value < 1:
             raise fail(f"{option} must be at least 1, got {value}", EXIT_USAGE)
+    if dtype is not None:
+        from mmrec.streaming.plan.target import dtype_code
+
+        try:
+            dtype_code(dtype)
+        except ValueError as exc:
+            raise fail(str(exc), EXIT_USAGE) from None
     overrides = {k: v for k, v in dict(vocab_size=vocab_size, model_dim=model_dim, num_layers=num_layers,
                                        num_heads=num_heads, ffn_dim=ffn_dim).items() if v is not None}
     with clean_errors(debug):

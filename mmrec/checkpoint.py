@@ -11,6 +11,7 @@ import json
 import mmap
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -179,6 +180,38 @@ def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     module._parameters[attr] = nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
 
 
+class LazyStateDict(Mapping):
+    """A read-only state dict over a checkpoint's files: each value is a view of a copy-on-write memory
+    map, made when asked for, so `model.load_state_dict(LazyStateDict(path), strict=False)` copies
+    tensor by tensor and never holds a second model in anonymous memory."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        files, self.config = checkpoint_files(self.path)
+        self._spans: dict[str, tuple[Path, TensorSpan]] = {}
+        for file in files:
+            for name, span in read_header(file).tensors.items():
+                self._spans[name] = (file, span)
+        self._maps: dict[Path, mmap.mmap] = {}
+
+    def spans(self) -> dict[str, TensorSpan]:
+        return {name: span for name, (_, span) in self._spans.items()}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        file, span = self._spans[name]
+        mapped = self._maps.get(file)
+        if mapped is None:
+            with open(file, "rb") as f:
+                mapped = self._maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        return _map_tensor(mapped, span)
+
+    def __iter__(self):
+        return iter(self._spans)
+
+    def __len__(self) -> int:
+        return len(self._spans)
+
+
 def load_pretrained(cls, path: str | os.PathLike, device=None, dtype=None, strict: bool = True):
     """Build `cls(config)` on meta and fill it from the checkpoint, one tensor at a time.
 
@@ -186,34 +219,31 @@ def load_pretrained(cls, path: str | os.PathLike, device=None, dtype=None, stric
     (zeros, ones or Xavier, seed 0), and tensors the model does not have are ignored.
     """
     path = Path(path)
-    files, config = checkpoint_files(path)
+    stored = LazyStateDict(path)
+    config = stored.config
     device = torch.device(device) if device is not None else torch.device("cpu")
     want_dtype = torch_dtype(dtype) if dtype is not None else None
     model = cls.on_meta(config)
     expected = {spec.name: spec for spec in parameter_specs(config)}
     tied = config.tie_word_embeddings
     loaded, unexpected, mismatched = set(), [], []
-    for file in files:
-        header = read_header(file)
-        with open(file, "rb") as f:
-            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if header.file_size else None
-        for name, span in header.tensors.items():
-            if tied and name == "lm_head.weight":
-                continue  # a reference-style state dict stores the tied head too; it is the embedding
-            spec = expected.get(name)
-            if spec is None:
-                unexpected.append(name)
-                continue
-            if span.shape != spec.shape:
-                mismatched.append(f"{name}: checkpoint {list(span.shape)} vs model {list(spec.shape)}")
-                continue
-            tensor = _map_tensor(mapped, span)
-            if want_dtype is not None and tensor.is_floating_point():
-                tensor = tensor.to(device=device, dtype=want_dtype)
-            elif device.type != "cpu":
-                tensor = tensor.to(device=device)
-            _set_parameter(model, name, tensor)
-            loaded.add(name)
+    for name, span in stored.spans().items():
+        if tied and name == "lm_head.weight":
+            continue  # a reference-style state dict stores the tied head too; it is the embedding
+        spec = expected.get(name)
+        if spec is None:
+            unexpected.append(name)
+            continue
+        if span.shape != spec.shape:
+            mismatched.append(f"{name}: checkpoint {list(span.shape)} vs model {list(spec.shape)}")
+            continue
+        tensor = stored[name]
+        if want_dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(device=device, dtype=want_dtype)
+        elif device.type != "cpu":
+            tensor = tensor.to(device=device)
+        _set_parameter(model, name, tensor)
+        loaded.add(name)
     missing = [name for name in expected if name not in loaded]
     problems = []
     if mismatched:

@@ -160,8 +160,13 @@ class MMRecBlock(nn.Module):
 
 
 class MMRecModel(nn.Module):
-    def __init__(self, config: MMRecConfig):
+    def __init__(self, config: MMRecConfig | None = None, **fields):
+        """MMRecModel(config), or the guide's MMRecModel(vocab_size=..., model_dim=..., ...)."""
         super().__init__()
+        if config is None:
+            config = MMRecConfig(**fields)
+        elif fields:
+            raise TypeError("give either a config or its fields, not both")
         config.validate()
         self.config = config
         self.embedding = nn.Embedding(config.vocab_size, config.model_dim)

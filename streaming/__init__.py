@@ -1,1 +1,20 @@
-"""Conversion engine."""
+"""The conversion engine: sources -> analysis -> plan -> dask graph -> sharded safetensors -> report.
+
+Heavy pieces (torch, dask) are imported by the functions that need them, so header-only commands stay
+fast. The guide's Python API is re-exported here.
+"""
+
+
+def convert_model_weights(*args, **kwargs):
+    """See mmrec.streaming.guide_api.convert_model_weights."""
+    from .guide_api import convert_model_weights as run
+
+    return run(*args, **kwargs)
+
+
+def __getattr__(name):  # ModelWeightConverter without importing the planner eagerly
+    if name == "ModelWeightConverter":
+        from .plan.mapping import ModelWeightConverter
+
+        return ModelWeightConverter
+    raise AttributeError(name)

@@ -27,7 +27,7 @@ class Progress:
         self.stream = stream or sys.stderr
         self.quiet = quiet
         self.line_interval = line_interval
-        self._last_line = 0.0
+        self._last_line = self.started  # first line after one interval, not on the first event
         self._bar = None
         if not quiet and self.stream.isatty():
             from rich.progress import (BarColumn, DownloadColumn, Progress as RichProgress, TextColumn,

@@ -1,0 +1,34 @@
+"""`mmrec verify`: check a converted checkpoint against its index, headers and report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import EXIT_INPUT, clean_errors
+
+
+def verify(
+    output: Path = typer.Argument(..., help="Converted checkpoint directory or .safetensors file."),
+    source: Optional[Path] = typer.Option(None, "--source", help="Also recompute transferred tensors from this source."),
+    json_output: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Verify index <-> headers <-> file sizes and every tensor's checksum (exit 1 on any problem)."""
+    with clean_errors(debug):
+        from mmrec.streaming.verify import verify as run_verify
+
+        result = run_verify(output, source)
+    if json_output:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        for problem in result.problems:
+            typer.echo(f"problem: {problem}", err=True)
+        status = "OK" if result.ok else f"FAILED ({len(result.problems)} problems)"
+        typer.echo(f"{status}: {result.files} files, {result.tensors} tensors, {result.checksums_checked} "
+                   f"checksums checked" + (f", {result.recomputed} recomputed from the source" if source else ""))
+    if not result.ok:
+        raise typer.Exit(EXIT_INPUT)

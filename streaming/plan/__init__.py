@@ -1,0 +1,23 @@
+"""The conversion plan (step 2 and 3 of the guide): what every output tensor is made from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .mapping import ModelWeightConverter
+from .model import ConversionPlan, PlanError, TensorPlan
+
+
+def build_plan(catalog, analysis, overrides: dict | None = None, *, mapping: str = "default",
+               mapping_file: Path | None = None, layer_map: str | list = "first", strict: bool = False,
+               initialize_new: bool = True, dtype: str | None = None, seed: int = 0,
+               converter: ModelWeightConverter | None = None) -> ConversionPlan:
+    """Plan a conversion from headers only. overrides: the guide's vocab_size, model_dim, num_layers,
+    num_heads, ffn_dim (absent -> follow the source). Raises PlanError naming the option or tensor."""
+    from .planner import plan
+
+    return plan(catalog, analysis, overrides, mapping=mapping, mapping_file=mapping_file, layer_map=layer_map,
+                strict=strict, initialize_new=initialize_new, dtype=dtype, seed=seed, converter=converter)
+
+
+__all__ = ["ConversionPlan", "ModelWeightConverter", "PlanError", "TensorPlan", "build_plan"]

@@ -1,0 +1,24 @@
+"""GPT-Neo: Linear q/k/v/out projections (no q/k/v biases), LayerNorms, GPT-2-style names otherwise."""
+
+from __future__ import annotations
+
+from .base import Family, Src, norm, register
+
+
+@register
+class GPTNeo(Family):
+    model_types = ("gpt_neo",)
+    norm_is_layernorm = True
+
+    def roles(self, a, names):
+        p, at = "h.{i}.", "h.{i}.attn.attention."
+        glob = {"embed": Src("wte.weight"), "lm_head": Src("lm_head.weight"),
+                "final_norm": norm("ln_f.weight", True)}
+        layer = {
+            "attn_norm": norm(p + "ln_1.weight", True), "mlp_norm": norm(p + "ln_2.weight", True),
+            "q": Src(at + "q_proj.weight"), "k": Src(at + "k_proj.weight"), "v": Src(at + "v_proj.weight"),
+            "o": Src(at + "out_proj.weight"), "o_bias": Src(at + "out_proj.bias"),
+            "up": Src(p + "mlp.c_fc.weight"), "up_bias": Src(p + "mlp.c_fc.bias"),
+            "down": Src(p + "mlp.c_proj.weight"), "down_bias": Src(p + "mlp.c_proj.bias"),
+        }
+        return glob, layer

@@ -1,0 +1,196 @@
+"""Mapping tables (target pattern -> source role), user mapping files, and the guide's ModelWeightConverter.
+
+A table maps a target pattern ('{i}' = target layer) to a family role ("q", "up", ...) or to an explicit
+source pattern ('{i}' = the source layer the layer map assigns). The converter resolves a pattern to a
+catalog name through `_keys_match`, which a subclass may override (the guide's extension point).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+from .model import PlanError
+
+
+@dataclasses.dataclass(frozen=True)
+class MapEntry:
+    target: str                       # target pattern, '{i}' = target layer
+    role: str | None = None           # a family role (families/base.py)
+    source: str | None = None         # or an explicit source pattern, '{i}' = source layer
+    transforms: tuple[dict, ...] = ()  # applied after the role's own transforms
+    repeat_kv: bool = False           # grouped-query k/v heads are repeated up to the target's rows
+    score: float | None = None        # a user file may state the score itself
+
+    @property
+    def is_new(self) -> bool:
+        return self.role is None and self.source is None
+
+
+def _entries(pairs: Iterable[tuple[str, str]], repeat: Iterable[str] = ()) -> dict[str, MapEntry]:
+    repeat = set(repeat)
+    return {t: MapEntry(t, role=r, repeat_kv=r in repeat) for t, r in pairs}
+
+
+_B = "blocks.{i}."
+_KV_ROLES = ("k", "v", "k_bias", "v_bias")
+
+# CONVERSION.md "Mapping": the guide's table, per role.
+DEFAULT_TABLE = _entries([
+    ("embedding.weight", "embed"),
+    *[(_B + t, r) for t, r in [
+        ("norm1.weight", "attn_norm"), ("norm2.weight", "mlp_norm"),
+        ("multi_mem_attention.W_q.weight", "q"), ("multi_mem_attention.W_q.bias", "q_bias"),
+        ("multi_mem_attention.W_o.weight", "o"), ("multi_mem_attention.W_o.bias", "o_bias"),
+        ("ffn.0.weight", "up"), ("ffn.0.bias", "up_bias"),
+        ("ffn.3.weight", "down"), ("ffn.3.bias", "down_bias"),
+        ("ffn_gate.weight", "gate"), ("ffn_gate.bias", "gate_bias")]],
+    ("norm.weight", "final_norm"),
+    ("lm_head.weight", "lm_head"),
+])
+
+# Opt-in: the block's own projections too, W_z from v_proj (the guide's "similar weight").
+EXTENDED_TABLE = {**DEFAULT_TABLE, **_entries(
+    [(_B + t, r) for t, r in [
+        ("W_q.weight", "q"), ("W_q.bias", "q_bias"), ("W_k.weight", "k"), ("W_k.bias", "k_bias"),
+        ("W_v.weight", "v"), ("W_v.bias", "v_bias"), ("W_z.weight", "v"), ("W_z.bias", "v_bias")]],
+    repeat=_KV_ROLES)}
+
+TABLES = {"default": DEFAULT_TABLE, "extended": EXTENDED_TABLE, "none": {}}
+
+
+def _parse_entry(raw: Any, where: str) -> MapEntry:
+    if not isinstance(raw, dict) or not isinstance(raw.get("target"), str):
+        raise PlanError(f"{where}: each mapping needs a 'target' string, got {raw!r}")
+    unknown = set(raw) - {"target", "source", "role", "transforms", "repeat_kv", "score"}
+    if unknown:
+        raise PlanError(f"{where}: mapping for '{raw['target']}' has unknown keys {sorted(unknown)}")
+    transforms = raw.get("transforms") or []
+    if not isinstance(transforms, list) or not all(isinstance(t, dict) and "op" in t for t in transforms):
+        raise PlanError(f"{where}: 'transforms' of '{raw['target']}' must be a list of {{op: ...}} objects")
+    from ..transforms import check_ops
+
+    try:
+        check_ops(transforms)
+    except ValueError as exc:
+        raise PlanError(f"{where}: mapping for '{raw['target']}': {exc}") from None
+    score = raw.get("score")
+    if score is not None and score not in (1.0, 0.8, 0.5, 0.0):
+        raise PlanError(f"{where}: score of '{raw['target']}' must be 1.0, 0.8, 0.5 or 0.0")
+    return MapEntry(raw["target"], role=raw.get("role"), source=raw.get("source"),
+                    transforms=tuple(transforms), repeat_kv=bool(raw.get("repeat_kv", False)),
+                    score=None if score is None else float(score))
+
+
+def load_mapping_file(path: Path) -> tuple[str | None, list[MapEntry]]:
+    """A JSON or YAML file: {"base": "default"|"extended"|"none", "mappings": [...] or {target: source}},
+    or just the list of mappings. Returns (base or None, entries)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise PlanError(f"--mapping-file {path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as exc:  # json and yaml raise different types; both mean "not parseable"
+        raise PlanError(f"--mapping-file {path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}"
+                        f" ({exc})") from None
+    base = None
+    if isinstance(data, dict) and ("mappings" in data or "base" in data):
+        base, data = data.get("base"), data.get("mappings", [])
+        if base is not None and base not in TABLES:
+            raise PlanError(f"--mapping-file {path}: 'base' must be one of {sorted(TABLES)}, got {base!r}")
+    if isinstance(data, dict):  # shorthand {target: source pattern | null | {role: ...}}
+        data = [{"target": t, **(v if isinstance(v, dict) else {"source": v})} for t, v in data.items()]
+    if not isinstance(data, list):
+        raise PlanError(f"--mapping-file {path}: expected a list of mappings or {{'mappings': ...}}")
+    return base, [_parse_entry(raw, f"--mapping-file {path}") for raw in data]
+
+
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+
+
+def target_layer(target_key: str) -> int | None:
+    m = _BLOCK.match(target_key)
+    return int(m.group(1)) if m else None
+
+
+def target_pattern(target_key: str) -> str:
+    return _BLOCK.sub("blocks.{i}.", target_key, count=1)
+
+
+class ModelWeightConverter:
+    """The guide's converter: a mapping table plus the key matching rule.
+
+    Subclass and override `_keys_match(source_pattern, source_key, target_key)` to accept other source
+    names; `self.source_layer(target_key)` gives the source layer the layer map assigns.
+    """
+
+    def __init__(self, mapping: str = "default", mapping_file: Path | str | None = None):
+        if mapping not in ("default", "extended"):
+            raise PlanError(f"--mapping must be 'default' or 'extended', got {mapping!r}")
+        self.mapping = mapping
+        self.mapping_file = Path(mapping_file) if mapping_file else None
+        self.table: dict[str, MapEntry] = dict(TABLES[mapping])
+        self.mapping_file_sha256: str | None = None
+        if self.mapping_file is not None:
+            base, entries = load_mapping_file(self.mapping_file)
+            if base is not None:
+                self.table = dict(TABLES[base])
+            self.table.update({e.target: e for e in entries})
+            self.mapping_file_sha256 = hashlib.sha256(self.mapping_file.read_bytes()).hexdigest()
+        self.layer_map: list[int | None] = []
+
+    # -- table lookups ------------------------------------------------------------------------------
+    def entry_for(self, target_key: str) -> MapEntry | None:
+        """An exact entry for this key wins over its '{i}' pattern."""
+        return self.table.get(target_key) or self.table.get(target_pattern(target_key))
+
+    def source_layer(self, target_key: str) -> int | None:
+        t = target_layer(target_key)
+        return None if t is None or t >= len(self.layer_map) else self.layer_map[t]
+
+    def expand(self, source_pattern: str, target_key: str) -> str:
+        """The source name a pattern stands for, for this target key ('{i}' -> its source layer)."""
+        if "{i}" not in source_pattern:
+            return source_pattern
+        layer = self.source_layer(target_key)
+        return source_pattern.replace("{i}", str(layer)) if layer is not None else source_pattern
+
+    # -- the guide's extension point -----------------------------------------------------------------
+    def _keys_match(self, source_pattern: str, source_key: str, target_key: str) -> bool:
+        return source_key == self.expand(source_pattern, target_key)
+
+    def find_source(self, source_pattern: str, target_key: str, names: Iterable[str]) -> str | None:
+        """The first source name that `_keys_match` accepts (the expanded name itself is tried first)."""
+        expected = self.expand(source_pattern, target_key)
+        names = names if isinstance(names, (dict, set)) else list(names)
+        if expected in names and self._keys_match(source_pattern, expected, target_key):
+            return expected
+        if type(self)._keys_match is ModelWeightConverter._keys_match:
+            return None  # the base rule accepts only the expanded name
+        for key in names:
+            if self._keys_match(source_pattern, key, target_key):
+                return key
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        cls = type(self)
+        return {"mapping": self.mapping, "mapping_file": str(self.mapping_file) if self.mapping_file else None,
+                "mapping_file_sha256": self.mapping_file_sha256,
+                "converter": f"{cls.__module__}.{cls.__qualname__}"}
+
+    def plan(self, catalog, analysis, overrides: dict | None = None, **options):
+        """build_plan with this converter."""
+        from . import build_plan
+
+        return build_plan(catalog, analysis, overrides, converter=self, **options)

@@ -1,0 +1,85 @@
+"""The target MMRecConfig: the source's sizes unless the guide's flags override them."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from mmrec.config import ConfigError, MMRecConfig
+from mmrec.safetensors_format import CODE_TO_TORCH_NAME, TORCH_NAME_TO_CODE
+
+from .model import PlanError
+
+OVERRIDE_KEYS = ("vocab_size", "model_dim", "num_layers", "num_heads", "ffn_dim")
+FLOAT_CODES = ("F16", "BF16", "F32", "F64")
+_DTYPE_ALIASES = {"bf16": "BF16", "fp16": "F16", "half": "F16", "fp32": "F32", "float": "F32",
+                  "f32": "F32", "f16": "F16", "fp64": "F64", "double": "F64", "f64": "F64"}
+
+# source activation -> MM-Rec ffn_act (CONVERSION.md: gelu_new/gelu_pytorch_tanh are the tanh GELU)
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
+               "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
+
+
+def dtype_code(name: str | None) -> str | None:
+    """'bfloat16', 'torch.bfloat16', 'bf16', 'BF16' -> 'BF16'; None stays None."""
+    if name is None:
+        return None
+    s = str(name).strip().removeprefix("torch.")
+    code = s.upper() if s.upper() in CODE_TO_TORCH_NAME else TORCH_NAME_TO_CODE.get(s.lower()) \
+        or _DTYPE_ALIASES.get(s.lower())
+    if code is None:
+        raise PlanError(f"--dtype: unknown dtype {name!r} (use bfloat16, float16, float32 or float64)")
+    return code
+
+
+def output_dtype(requested: str | None, analysis: Any, catalog) -> str:
+    """--dtype, else the source's dtype (the floating dtype holding most bytes when mixed)."""
+    code = dtype_code(requested)
+    if code is None:
+        try:
+            code = dtype_code(getattr(analysis, "dtype", None))
+        except PlanError:
+            code = None
+        if code not in FLOAT_CODES:
+            sizes = Counter()
+            for t in catalog.tensors.values():
+                if t.dtype in FLOAT_CODES:
+                    sizes[t.dtype] += t.nbytes
+            code = sizes.most_common(1)[0][0] if sizes else "F32"
+    if code not in FLOAT_CODES:
+        raise PlanError(f"--dtype: output dtype must be a float type ({', '.join(FLOAT_CODES)}), got {code}")
+    return code
+
+
+def build_target_config(a: Any, overrides: dict | None, out_dtype: str) -> tuple[MMRecConfig, list[str]]:
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    unknown = set(overrides) - set(OVERRIDE_KEYS)
+    if unknown:
+        raise PlanError(f"unknown target size option(s) {sorted(unknown)}; known: {', '.join(OVERRIDE_KEYS)}")
+    warnings: list[str] = []
+    sizes = {k: overrides.get(k, getattr(a, k, None)) for k in OVERRIDE_KEYS}
+    for k, v in sizes.items():
+        if v is None:
+            raise PlanError(f"the source does not tell its {k}; give --{k} to set the target's")
+    if "num_heads" not in overrides and sizes["model_dim"] % sizes["num_heads"]:
+        raise PlanError(f"the source's {sizes['num_heads']} heads do not divide --model_dim "
+                        f"{sizes['model_dim']}; give --num_heads")
+    act_src = (getattr(a, "hidden_act", None) or "gelu").lower()
+    act = ACTIVATIONS.get(act_src)
+    if act is None:
+        act = "gelu"
+        warnings.append(f"source activation {act_src!r} has no MM-Rec counterpart: the target uses gelu")
+    tied = getattr(a, "tied_embeddings", None)
+    eps = getattr(a, "norm_eps", None)
+    try:
+        config = MMRecConfig(
+            vocab_size=int(sizes["vocab_size"]), model_dim=int(sizes["model_dim"]),
+            num_layers=int(sizes["num_layers"]), num_heads=int(sizes["num_heads"]),
+            ffn_dim=int(sizes["ffn_dim"]), ffn_act=act, ffn_gated=bool(getattr(a, "gated_mlp", False)),
+            tie_word_embeddings=True if tied is None else bool(tied),
+            norm_eps=float(eps) if eps is not None else 1e-6,
+            torch_dtype=CODE_TO_TORCH_NAME[out_dtype])
+    except ConfigError as exc:
+        flag = next((k for k in OVERRIDE_KEYS if f"'{k}'" in str(exc)), None)
+        raise PlanError(f"{exc}" + (f" (--{flag})" if flag else "")) from None
+    return config, warnings
