@@ -61,7 +61,7 @@ def chunk_bytes_for(options: ConvertOptions) -> int:
     """Per-task block size: the memory budget shared by the concurrent tasks, with room for the
     intermediates each block needs (materialize_rows budgets those within the block)."""
     budget = parse_size(options.memory_budget)
-    return max(1 << 20, budget // (2 * max(1, options.scheduler.concurrency)))
+    return max(1 << 20, budget // (4 * max(1, options.scheduler.concurrency)))
 
 
 def run_identity(plan: ConversionPlan, layout: OutputLayout, catalog) -> dict:

@@ -76,12 +76,31 @@ class SchedulerChoice:
         return self.workers or self.threads
 
 
+def return_freed_memory_promptly() -> None:
+    """Make glibc give freed blocks back to the OS instead of keeping them in per-thread arenas.
+
+    Blocks are tens of MB; by default glibc raises its mmap threshold after the first such free and then
+    serves later blocks from arenas that never shrink, so anonymous memory would creep up with the
+    number of threads. A fixed threshold keeps every large block an mmap that is unmapped on free.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB (fixed)
+        libc.mallopt(-1, 1 << 20)  # M_TRIM_THRESHOLD = 1 MiB
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
+
+
 def run_graph(graph: dict, keys: GraphKeys, scheduler: SchedulerChoice,
               on_done: Callable[[str, object], None]) -> dict[str, object]:
     """Run every task; on_done(key, result) is called in the driver as each write/checksum/seal ends."""
     wanted = [*keys.writes, *keys.checksums, *keys.seals]
     if not wanted:
         return {}
+    return_freed_memory_promptly()
     if scheduler.kind == "threads":
         return _run_threaded(graph, wanted, scheduler.threads, on_done)
     return _run_distributed(graph, wanted, scheduler, on_done)
@@ -118,6 +137,7 @@ def _run_distributed(graph, wanted, scheduler: SchedulerChoice, on_done):
     else:
         client = Client(scheduler.address)
     try:
+        client.run(return_freed_memory_promptly)
         futures = client.get(graph, wanted, sync=False)
         key_of = {future.key: key for future, key in zip(futures, wanted)}
         results = {}
