@@ -202,3 +202,33 @@ def test_guide_python_api(family_checkpoints, tmp_path):
 
     _, partial = convert_model_weights(source, target, initialize_new=True, converter=EveryKeyIsUnknown())
     assert partial["converted_keys"] == 0
+
+
+def test_joins_an_existing_cluster_by_scheduler_file(family_checkpoints, tmp_path):
+    """The batch-job recipe of the README: `dask scheduler` + `dask worker` started on their own, then
+    shard-convert --scheduler-file; same bytes as the in-process default."""
+    source = family_checkpoints["qwen2"]
+    scheduler_file = tmp_path / "scheduler.json"
+    dask_cli = Path(sys.executable).with_name("dask")
+    common = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    scheduler = subprocess.Popen([dask_cli, "scheduler", "--host", "127.0.0.1", "--port", "0",
+                                  "--dashboard-address", ":0", "--scheduler-file", scheduler_file], **common)
+    worker = None
+    try:
+        deadline = time.monotonic() + 60
+        while not scheduler_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        worker = subprocess.Popen([dask_cli, "worker", "--scheduler-file", scheduler_file, "--nthreads", "2",
+                                   "--memory-limit", "0", "--host", "127.0.0.1", "--dashboard-address", ":0"],
+                                  **common)
+        joined = tmp_path / "joined"
+        run_cli("shard-convert", "--source", source, "--output", joined, "--scheduler-file", scheduler_file,
+                "--max-shard-size", "50KB", "-q", timeout=300)
+    finally:
+        for process in (worker, scheduler):
+            if process is not None:
+                process.terminate()
+                process.wait(timeout=30)
+    local = tmp_path / "local"
+    run_cli("shard-convert", "--source", source, "--output", local, "--max-shard-size", "50KB", "-q")
+    assert output_bytes(joined) == output_bytes(local)
