@@ -71,11 +71,18 @@ def summary_text(report: dict) -> str:
     if report["shape_mismatches"]:
         lines.append(f"shape mismatches: {len(report['shape_mismatches'])}")
     timings = report.get("timings") or {}
-    if timings.get("total_s") is not None:
-        lines.append("time: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
-                                          for k, v in timings.items()))
+    if timings.get("total_seconds") is not None:
+        lines.append(f"time: {timings['total_seconds']:.1f} s, read {_mb(timings['bytes_read'])} + wrote "
+                     f"{_mb(timings['bytes_written'])} at {_mb(timings['throughput_bytes_per_second'])}/s "
+                     f"({timings['scheduler']}, {timings['concurrency']} at once"
+                     + (f", {timings['resumed_shards']} shards kept from the interrupted run" if
+                        timings.get("resumed_shards") else "") + ")")
     lines += [f"warning: {w}" for w in report["warnings"]]
     return "\n".join(lines)
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:,.1f} MB"
 
 
 def _layer_map_text(layer_map: list) -> str:
