@@ -794,25 +794,31 @@ def markdown(results: dict) -> str:
     if "bandwidth" in results:
         lines.append(f"\nMeasured memory bandwidth (copy): {results['bandwidth']['bandwidth_GBps_median']:.0f} GB/s")
     if results.get("model"):
-        lines.append("\n| D | L | dtype | params | prefill T | prefill tok/s | decode ms/token | decode floor ms | ratio "
-                     "| prefill tok/s, graphed recurrence | decode ms/token, CUDA graph |")
-        lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+        graphs = any("decode_ms_per_token_cudagraph" in r for r in results["model"])
+        extra = " prefill tok/s, graphed recurrence | decode ms/token, CUDA graph |" if graphs else ""
+        lines.append("\n| D | L | dtype | params | prefill T | prefill tok/s | decode ms/token | decode floor ms | "
+                     "ratio |" + extra)
+        lines.append("|---|---|---|---|---|---|---|---|---|" + ("---|---|" if graphs else ""))
         for r in results["model"]:
             if "error" in r:
                 lines.append(f"| {r['model_dim']} | {r['num_layers']} | {r['dtype']} | error: {r['error']} |")
                 continue
             floor = f"{r['decode_floor_ms']:.2f}" if "decode_floor_ms" in r else "–"
             ratio = f"{r['decode_ratio_to_floor']:.1f}x" if "decode_ratio_to_floor" in r else "–"
-            lines.append(f"| {r['model_dim']} | {r['num_layers']} | {r['dtype']} | {r['parameters'] / 1e9:.2f} B | "
-                         f"{r['prefill_len']} | {r['prefill_tokens_per_s']:.0f} | "
-                         f"{r['decode_ms_per_token_median']:.2f} | {floor} | {ratio} | "
-                         f"{r.get('prefill_tokens_per_s_graphed_recurrence', float('nan')):.0f} | "
-                         f"{r.get('decode_ms_per_token_cudagraph', float('nan')):.2f} |")
+            row = (f"| {r['model_dim']} | {r['num_layers']} | {r['dtype']} | {r['parameters'] / 1e9:.2f} B | "
+                   f"{r['prefill_len']} | {r['prefill_tokens_per_s']:.0f} | "
+                   f"{r['decode_ms_per_token_median']:.2f} | {floor} | {ratio} |")
+            if graphs:
+                row += (f" {r.get('prefill_tokens_per_s_graphed_recurrence', float('nan')):.0f} | "
+                        f"{r.get('decode_ms_per_token_cudagraph', float('nan')):.2f} |")
+            lines.append(row)
     rec = results.get("recurrence")
     if rec:
         lines.append(f"\nRecurrence D={rec['D']} T={rec['T']} B=1 {rec['dtype']}: floor "
                      f"{rec['floor_us_per_step']:.1f} us/step, {rec['floor_ms_per_layer']:.2f} ms/layer, "
-                     f"{rec['floor_ms_all_layers']:.1f} ms for {rec['layers']} layers")
+                     f"{rec['floor_ms_all_layers']:.1f} ms for {rec['layers']} layers"
+                     + (" (DRAM floor: at this size the weight stays in the CPU caches, so ratios < 1 happen)"
+                        if results["device"] == "cpu" else ""))
         lines.append("\n| variant | us/step | ms/layer | ratio (1 layer) | ms, all layers | ratio (all) |")
         lines.append("|---|---|---|---|---|---|")
         for name, v in rec["variants"].items():
@@ -843,9 +849,9 @@ def main(argv=None) -> int:
                              "cuda also 4096x24 (the spec's 7B shape)")
     parser.add_argument("--dtypes", default=None, help="default cpu float32,bfloat16; cuda bfloat16")
     parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--prefill-len", type=int, default=None, help="default cpu 128, cuda 512")
-    parser.add_argument("--prefill-repeats", type=int, default=3)
-    parser.add_argument("--decode-tokens", type=int, default=None, help="default cpu 16, cuda 64")
+    parser.add_argument("--prefill-len", type=int, default=None, help="default cpu 64, cuda 512")
+    parser.add_argument("--prefill-repeats", type=int, default=None, help="default cpu 2, cuda 3")
+    parser.add_argument("--decode-tokens", type=int, default=None, help="default cpu 8, cuda 64")
     parser.add_argument("--parts", default=None, help="bandwidth,model,recurrence,load (default: all; cpu: "
                                                       "bandwidth,model,recurrence)")
     parser.add_argument("--rec-dim", type=int, default=None, help="default cuda 4096, cpu 512")
@@ -861,19 +867,23 @@ def main(argv=None) -> int:
     parser.add_argument("--cache-drop", choices=["system", "file"], default="system",
                         help="cold cache via /proc/sys/vm/drop_caches (needs root; falls back to file) or "
                              "posix_fadvise(DONTNEED) on the checkpoint's files only")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--out", default=None, help="JSON results (default benchmarks/results/runtime_<device>.json)")
     args = parser.parse_args(argv)
 
     cuda = args.device == "cuda"
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if cuda and not torch.cuda.is_available():
         print("--device cuda but no CUDA device is available", file=sys.stderr)
         return 2
     device = torch.device("cuda" if cuda else "cpu")
     sizes = parse_sizes(args.sizes or ("512x4,1024x8,2048x12,4096x24" if cuda else "512x4,1024x8,2048x12"))
     dtypes = [DTYPES[d] for d in (args.dtypes or ("bfloat16" if cuda else "float32,bfloat16")).split(",")]
-    args.prefill_len = args.prefill_len or (512 if cuda else 128)
-    args.decode_tokens = args.decode_tokens or (64 if cuda else 16)
+    args.prefill_len = args.prefill_len or (512 if cuda else 64)
+    args.decode_tokens = args.decode_tokens or (64 if cuda else 8)
     args.rec_dim = args.rec_dim or (4096 if cuda else 512)
+    args.prefill_repeats = args.prefill_repeats or (3 if cuda else 2)
     args.rec_steps = args.rec_steps or args.prefill_len
     args.rec_layers = args.rec_layers or (24 if cuda else 4)
     args.rec_dtype = args.rec_dtype or ("bfloat16" if cuda else "float32")
@@ -906,7 +916,7 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 try:
                     entry, model = bench_model(dim, layers, dtype, device, args,
-                                               bandwidth if cuda else None, keep=keep)
+                                               bandwidth, keep=keep)
                     if model is not None:
                         kept = model
                     del model

@@ -120,7 +120,8 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, max_shard_size: s
             f.write(header)
             for name, _ in sorted(offsets.items(), key=lambda item: item[1][0]):
                 data = tensors[name].cpu().contiguous().reshape(-1)
-                f.write(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+                if data.numel():  # numpy's buffer goes straight to the file: no bytes copy
+                    f.write(memoryview(data.view(torch.uint8).numpy()))
         weight_map.update({n: file_name for n in group})
     (directory / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
     if len(groups) > 1:

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import MMRecConfig
+from .recurrence import recurrence
 
 
 class BlockState(NamedTuple):
@@ -77,26 +78,6 @@ class MultiMemoryAttention(nn.Module):
         kv = mem.view(B, mem.shape[1], H, D // H).transpose(1, 2)  # [B, H, P, dh]
         ctx = F.scaled_dot_product_attention(q, kv, kv)  # softmax over the P slots, no mask
         return self.W_o(ctx.transpose(1, 2).reshape(B, T, D))
-
-
-def recurrence(z: torch.Tensor, decay_mix: torch.Tensor, z_gate: torch.Tensor, w_h: torch.Tensor,
-               b_block: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """The sequential core, rearranged so each step is one matmul and a few elementwise ops.
-
-    h_t = z ⊙ s + γ ⊙ h + 0.1((1−g) ⊙ h + g ⊙ z + γ ⊙ h)
-        = z ⊙ (s + 0.1 g) + h ⊙ (1.1 γ + 0.1 − 0.1 g)
-    decay_mix = 1.1 γ + 0.1 and z_gate = A z + b_mdi are precomputed for all t;
-    w_h = [W_g ; C] is [2D, D] so one product gives both gates' h-terms.
-    """
-    D = h.shape[-1]
-    outputs = []
-    for t in range(z.shape[1]):
-        gates = F.linear(h, w_h)  # [B, 2D]
-        s = torch.sigmoid(gates[:, :D] + b_block)
-        g = torch.sigmoid(gates[:, D:] + z_gate[:, t]) * 0.1
-        h = z[:, t] * (s + g) + h * (decay_mix[:, t] - g)
-        outputs.append(h)
-    return torch.stack(outputs, dim=1)
 
 
 class MMRecBlock(nn.Module):
