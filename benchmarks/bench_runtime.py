@@ -222,6 +222,19 @@ def bench_model(dim: int, layers: int, dtype: torch.dtype, device: torch.device,
         sync(device)
         per_token.append(time.perf_counter() - start)
     decode_ms = 1e3 * statistics.median(per_token)
+    if device.type == "cuda":  # what generate() does on a GPU: the one-token step replayed as a CUDA graph
+        from mmrec.decode_graph import DecodeGraph
+
+        step = DecodeGraph(model, state, 1).step
+        graph_times = []
+        for _ in range(args.decode_tokens):
+            sync(device)
+            start = time.perf_counter()
+            logits, state = step(token, state)
+            token = logits[:, -1:].argmax(-1)
+            sync(device)
+            graph_times.append(time.perf_counter() - start)
+        decode_graph_ms = 1e3 * statistics.median(graph_times)
     nbytes = weight_bytes(model)
     result = {"model_dim": dim, "num_layers": layers, "ffn_dim": 4 * dim, "vocab_size": config.vocab_size,
               "dtype": str(dtype).replace("torch.", ""), "parameters": model.num_parameters(),
@@ -231,9 +244,13 @@ def bench_model(dim: int, layers: int, dtype: torch.dtype, device: torch.device,
               "decode_ms_per_token_mean": 1e3 * statistics.fmean(per_token),
               "decode_ms_per_token_min": 1e3 * min(per_token),
               "decode_tokens_per_s": 1e3 / decode_ms}
+    if device.type == "cuda":
+        result["generate_decode_ms_per_token_graphed"] = decode_graph_ms
     if bandwidth:
         floor_ms = 1e3 * nbytes / (bandwidth * 1e9)
         result.update(decode_floor_ms=floor_ms, decode_ratio_to_floor=decode_ms / floor_ms)
+        if device.type == "cuda":
+            result["generate_decode_ratio_to_floor"] = decode_graph_ms / floor_ms
     if device.type == "cuda":
         # Each block's forward builds w_h = cat([W_g.weight, mdi.W_g.weight[:, D:]]), a [2D, D] copy, on every
         # call (decode tokens included): time that alone for all layers.

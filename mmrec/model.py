@@ -197,16 +197,23 @@ class MMRecModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                 top_k: int | None = None, generator: torch.Generator | None = None,
+                 cuda_graph: bool = True) -> torch.Tensor:
         """Sample max_new_tokens after input_ids [B, T]; temperature 0 is greedy.
 
-        The recurrent state carries the whole prefix, so each new token costs one single-token step.
+        The recurrent state carries the whole prefix, so each new token costs one single-token step; on a
+        GPU those steps replay as one CUDA graph (cuda_graph=False runs them eagerly).
         """
         was_training = self.training
         self.eval()
         if input_ids.dim() == 1:
             input_ids = input_ids.unsqueeze(0)
         logits, state = self(input_ids)
+        step = self
+        if cuda_graph and input_ids.is_cuda and max_new_tokens > 1 and self.config.memory_segment_len > 1:
+            from .decode_graph import DecodeGraph
+
+            step = DecodeGraph(self, state, input_ids.shape[0]).step
         tokens = [input_ids]
         for _ in range(max_new_tokens):
             next_logits = logits[:, -1].float()
@@ -220,7 +227,7 @@ class MMRecModel(nn.Module):
                 probs = torch.softmax(next_logits, dim=-1)
                 next_token = torch.multinomial(probs, 1, generator=generator)
             tokens.append(next_token)
-            logits, state = self(next_token, state)
+            logits, state = step(next_token, state)
         self.train(was_training)
         return torch.cat(tokens, dim=1)
 

@@ -237,3 +237,13 @@ def test_gpu_graphed_recurrence_matches_step_by_step():
             out, state = model(ids[:, t:t + 1], state)
             steps.append(out)
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_generate_with_decode_graph_matches_eager():
+    torch.manual_seed(7)
+    model = MMRecModel(small_config(memory_segment_len=6)).cuda().eval()  # memory writes every 6 tokens
+    prompt = torch.randint(0, 61, (2, 4), device="cuda")
+    graphed = model.generate(prompt, max_new_tokens=20, temperature=0)
+    eager = model.generate(prompt, max_new_tokens=20, temperature=0, cuda_graph=False)
+    assert torch.equal(graphed, eager)

@@ -1,0 +1,106 @@
+"""The whole transfer experiment in one go (made for one GPU run): pretrain -> shard-convert (default and
+extended) -> ablation variants -> fine-tune every arm concurrently with the same budget and seed.
+
+    python benchmarks/transfer/run_experiment.py --data DATA --work WORK --deadline 560
+
+Fine-tune arms: (a) converted, default mapping; (b) fresh init of the same config (`--fresh`);
+(c) converted, extended mapping; and the ablations of make_variants.py. All arms read the same data in the
+same order (same seed) with the same schedule. Every loss log is written step by step, so an arm cut off
+by the deadline still leaves its curve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PY = sys.executable
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def run(args: list, timeout: float | None = None, **kw) -> subprocess.CompletedProcess:
+    log("$ " + " ".join(map(str, args)))
+    result = subprocess.run(list(map(str, args)), timeout=timeout, **kw)
+    if result.returncode:
+        raise SystemExit(f"failed ({result.returncode}): {' '.join(map(str, args))}")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--deadline", type=float, default=560, help="seconds for the whole run")
+    parser.add_argument("--pretrain-steps", type=int, default=800)
+    parser.add_argument("--pretrain-seconds", type=float, default=150)
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--lr", type=float, default=6e-4)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--eval-every", type=int, default=20)
+    parser.add_argument("--eval-tokens", type=int, default=65536)
+    parser.add_argument("--arms", default="a,b,c,emb-only,ffn-only,no-att,init-only")
+    args = parser.parse_args()
+    began = time.monotonic()
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    for split in ("finetune", "eval"):
+        with gzip.open(args.data / f"{split}.jsonl.gz", "rb") as f:
+            (work / f"{split}.jsonl").write_bytes(f.read())
+
+    llama = work / "llama"
+    run([PY, HERE / "pretrain.py", "--data", args.data, "--out", llama, "--steps", args.pretrain_steps,
+         "--max-seconds", args.pretrain_seconds, *(["--tiny", "--batch-size", 4, "--seq-len", 64] if args.tiny else [])])
+    for mapping in ("default", "extended"):
+        out = work / f"conv-{mapping}"
+        result = run([PY, "-m", "mmrec", "shard-convert", "--source", llama, "--output", out, "--mapping", mapping,
+                      "--json", "-q"], capture_output=True, text=True)
+        report = json.loads(result.stdout)
+        log(f"conv-{mapping}: {report['converted_keys']}/{report['total_keys']} keys, "
+            f"{report['transferred_parameter_share']:.1%} of the parameters transferred")
+    variants = [a for a in args.arms.split(",") if a not in ("a", "b", "c")]
+    if variants:
+        run([PY, HERE / "make_variants.py", "--converted", work / "conv-default", "--out", work / "variants",
+             "--only", *variants])
+
+    checkpoints = {"a": work / "conv-default", "b": work / "conv-default", "c": work / "conv-extended",
+                   **{v: work / "variants" / v for v in variants}}
+    common = ["--data", work / "finetune.jsonl", "--eval-data", work / "eval.jsonl", "--num-steps", args.steps,
+              "--lr", args.lr, "--batch-size", args.batch_size, "--seq-len", args.seq_len, "--warmup-steps",
+              max(1, args.steps // 20), "--dropout", "0", "--eval-every", args.eval_every, "--eval-tokens",
+              args.eval_tokens, "--seed", 0, "--threads", 2, "--json", "--log-every", 50]
+    processes = {}
+    for arm in args.arms.split(","):
+        out = work / f"ft-{arm}"
+        cmd = [PY, "-m", "mmrec", "finetune", "--checkpoint", checkpoints[arm], "--output", out, *common]
+        if arm == "b":
+            cmd.append("--fresh")
+        log("$ " + " ".join(map(str, cmd)))
+        processes[arm] = subprocess.Popen(list(map(str, cmd)), stdout=open(work / f"ft-{arm}.json", "w"),
+                                          stderr=open(work / f"ft-{arm}.log", "w"))
+    limit = began + args.deadline
+    while any(p.poll() is None for p in processes.values()) and time.monotonic() < limit:
+        time.sleep(2)
+    for arm, p in processes.items():
+        if p.poll() is None:
+            log(f"ft-{arm}: deadline reached, stopping it (its loss log so far is kept)")
+            p.terminate()
+            p.wait()
+        log(f"ft-{arm}: exit {p.returncode}")
+    log(f"done in {time.monotonic() - began:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
