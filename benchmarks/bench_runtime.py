@@ -385,87 +385,10 @@ def recurrence_split(z, decay_mix, z_gate, w_g, w_c, b_block, h):
     return torch.stack(outputs, dim=1)
 
 
-# ---- ready-to-paste replacement for mmrec.model.recurrence (lean steps; CUDA graphs of 64-step chunks) -------
-_RECURRENCE_GRAPH_CHUNK = 64
-_recurrence_graphs: dict = {}
+# The shipped recurrence (mmrec/recurrence.py, first written here): lean steps, CUDA graphs of 64-step chunks.
+from mmrec import recurrence as shipped  # noqa: E402
 
-
-def _recurrence_steps(z, decay_mix, bias, w_t, h):
-    """Steps of the recurrence with one addmm + 5 elementwise kernels each; bias = [b_block | z_gate]."""
-    D = h.shape[-1]
-    outputs = []
-    for t in range(z.shape[1]):
-        gates = torch.sigmoid(torch.addmm(bias[:, t], h, w_t))
-        z_t = z[:, t]
-        # z (s + 0.1 g) + h (decay_mix - 0.1 g), rearranged to fused multiply-adds
-        h = torch.addcmul(torch.addcmul(h * decay_mix[:, t], z_t, gates[:, :D]), gates[:, D:], z_t - h,
-                          value=0.1)
-        outputs.append(h)
-    return torch.stack(outputs, dim=1)
-
-
-class _RecurrenceGraph:
-    """One CUDA graph of _RECURRENCE_GRAPH_CHUNK steps over static buffers, for one (device, dtype, B, D)."""
-
-    def __init__(self, B, D, dtype, device):
-        C = _RECURRENCE_GRAPH_CHUNK
-        with torch.inference_mode(False), torch.no_grad(), torch.cuda.device(device):
-            def buf(*shape):
-                return torch.zeros(*shape, dtype=dtype, device=device)
-            self.z, self.decay_mix, self.bias = buf(B, C, D), buf(B, C, D), buf(B, C, 2 * D)
-            self.w, self.h = buf(2 * D, D), buf(B, D)
-            stream = torch.cuda.Stream(device)
-            stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(stream):
-                self._body()  # warm-up (cuBLAS handles, workspaces) outside the capture
-            torch.cuda.current_stream(device).wait_stream(stream)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.out = self._body()
-
-    def _body(self):
-        out = _recurrence_steps(self.z, self.decay_mix, self.bias, self.w.t(), self.h)
-        self.h.copy_(out[:, -1])  # the next chunk starts from here, with no host work in between
-        return out
-
-
-def recurrence_graphed(z: torch.Tensor, decay_mix: torch.Tensor, z_gate: torch.Tensor, w_h: torch.Tensor,
-                       b_block: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """The sequential core, rearranged so each step is one matmul and a few elementwise ops.
-
-    h_t = z ⊙ s + γ ⊙ h + 0.1((1−g) ⊙ h + g ⊙ z + γ ⊙ h)
-        = z ⊙ (s + 0.1 g) + h ⊙ (1.1 γ + 0.1 − 0.1 g)
-    decay_mix = 1.1 γ + 0.1 and z_gate = A z + b_mdi are precomputed for all t;
-    w_h = [W_g ; C] is [2D, D] so one product gives both gates' h-terms, and with the bias [b_block | z_gate]
-    one addmm + one sigmoid give both gates. On a GPU without autograd, whole chunks of 64 steps replay as
-    one CUDA graph (the step's kernels are too small to hide their launch cost); the rest runs eagerly.
-    """
-    B, T, D = z.shape
-    bias = torch.cat([b_block.expand_as(z_gate), z_gate], dim=-1)  # [B, T, 2D]
-    C = _RECURRENCE_GRAPH_CHUNK
-    needs_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (z, decay_mix, z_gate, w_h, b_block, h))
-    if not z.is_cuda or T < C or needs_grad or torch.cuda.is_current_stream_capturing():
-        return _recurrence_steps(z, decay_mix, bias, w_h.t(), h)
-    key = (z.device, z.dtype, B, D)
-    runner = _recurrence_graphs.get(key)
-    if runner is None:
-        runner = _recurrence_graphs[key] = _RecurrenceGraph(B, D, z.dtype, z.device)
-    out = torch.empty_like(z)
-    runner.w.copy_(w_h)
-    runner.h.copy_(h)
-    full = T - T % C
-    for start in range(0, full, C):
-        runner.z.copy_(z[:, start:start + C])
-        runner.decay_mix.copy_(decay_mix[:, start:start + C])
-        runner.bias.copy_(bias[:, start:start + C])
-        runner.graph.replay()
-        out[:, start:start + C].copy_(runner.out)
-    if full < T:
-        out[:, full:] = _recurrence_steps(z[:, full:], decay_mix[:, full:], bias[:, full:], w_h.t(),
-                                          runner.h.clone())
-    return out
-# ---- end of the replacement ----------------------------------------------------------------------------------
+recurrence_graphed = shipped.recurrence
 
 
 def _step_elementwise(gates, b_block, z_gate_t, z_t, decay_mix_t, h):
@@ -528,19 +451,18 @@ def _recurrence_steps_compiled(z, decay_mix, bias, w_t, h):
 
 def recurrence_graphed_compiled(z, decay_mix, z_gate, w_h, b_block, h):
     """recurrence_graphed with the fused (torch.compile) elementwise step inside the chunk graphs."""
-    global _recurrence_steps
-    plain = _recurrence_steps
-    _recurrence_steps = _recurrence_steps_compiled
-    saved = dict(_recurrence_graphs)
-    _recurrence_graphs.clear()
-    _recurrence_graphs.update(_recurrence_graphs_compiled)
+    plain = shipped._recurrence_steps
+    shipped._recurrence_steps = _recurrence_steps_compiled
+    saved = dict(shipped._recurrence_graphs)
+    shipped._recurrence_graphs.clear()
+    shipped._recurrence_graphs.update(_recurrence_graphs_compiled)
     try:
         return recurrence_graphed(z, decay_mix, z_gate, w_h, b_block, h)
     finally:
-        _recurrence_steps = plain
-        _recurrence_graphs_compiled.update(_recurrence_graphs)
-        _recurrence_graphs.clear()
-        _recurrence_graphs.update(saved)
+        shipped._recurrence_steps = plain
+        _recurrence_graphs_compiled.update(shipped._recurrence_graphs)
+        shipped._recurrence_graphs.clear()
+        shipped._recurrence_graphs.update(saved)
 
 
 _recurrence_graphs_compiled: dict = {}
