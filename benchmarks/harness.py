@@ -174,6 +174,8 @@ class Measured:
     timeline: list
     disk_read_bytes: int  # block I/O of the whole tree (getrusage of reaped children)
     disk_written_bytes: int
+    cpu_user_s: float  # CPU time of the whole tree (getrusage of reaped children)
+    cpu_system_s: float
     cgroup: dict
     cap_bytes: int | None
     oom_killed: bool
@@ -227,6 +229,7 @@ def run_measured(argv: list[str], name: str, cap_bytes: int | None = None, cold:
                     samples=len(sampler.samples), timeline=sampler.timeline(),
                     disk_read_bytes=(after.ru_inblock - before.ru_inblock) * 512,
                     disk_written_bytes=(after.ru_oublock - before.ru_oublock) * 512,
+                    cpu_user_s=after.ru_utime - before.ru_utime, cpu_system_s=after.ru_stime - before.ru_stime,
                     cgroup=stat, cap_bytes=cap_bytes, oom_killed=oom, stdout=stdout,
                     stderr_tail=stderr[-3000:], leftover_processes=leftovers)
 

@@ -59,6 +59,21 @@ def shard_convert(
             dtype_code(dtype)
         except ValueError as exc:
             raise fail(str(exc), EXIT_USAGE) from None
+    if mapping not in ("default", "extended"):
+        raise fail(f"--mapping must be 'default' or 'extended', got {mapping!r} (a custom table goes in "
+                   "--mapping-file)", EXIT_USAGE)
+    for option, value in (("--vocab_size", vocab_size), ("--model_dim", model_dim), ("--num_layers", num_layers),
+                          ("--num_heads", num_heads), ("--ffn_dim", ffn_dim)):
+        if value is not None and value < 1:
+            raise fail(f"{option} must be a positive integer, got {value}", EXIT_USAGE)
+    if layer_map not in ("first", "uniform"):
+        from mmrec.streaming.plan.layers import parse_layer_list
+        from mmrec.streaming.plan.model import PlanError
+
+        try:  # the list's syntax only; its length is checked against the source when planning
+            parse_layer_list(layer_map)
+        except PlanError as exc:
+            raise fail(str(exc), EXIT_USAGE) from None
     overrides = {k: v for k, v in dict(vocab_size=vocab_size, model_dim=model_dim, num_layers=num_layers,
                                        num_heads=num_heads, ffn_dim=ffn_dim).items() if v is not None}
     with clean_errors(debug):

@@ -2,17 +2,21 @@
 
 Exit codes: 0 done; 1 bad input (source, plan, mapping, config); 2 bad command-line option (typer);
 3 output refused (exists, locked, inside the source, resume with changed inputs); 4 write failure
-(disk full, I/O error); 130 interrupted.
+(disk full, I/O error); 130 interrupted. RELIABILITY.md lists every case and its message.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import sys
 
 import typer
 
 EXIT_INPUT, EXIT_USAGE, EXIT_REFUSED, EXIT_WRITE, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
+
+# Write failures after which the partial output is kept and `--resume` continues once the cause is fixed.
+RESUMABLE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EIO}
 
 
 def fail(message: str, code: int) -> typer.Exit:
@@ -20,9 +24,13 @@ def fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _one_line(text: str) -> str:
+    return " ".join(text.split()) or "(no message)"
+
+
 @contextlib.contextmanager
 def clean_errors(debug: bool = False):
-    """Turn the project's own exceptions into one line on stderr and an exit code (a traceback with --debug)."""
+    """Turn exceptions into one line on stderr and an exit code (a traceback with --debug)."""
     from mmrec.streaming.output import OutputRefused
 
     try:
@@ -36,13 +44,19 @@ def clean_errors(debug: bool = False):
     except OutputRefused as exc:
         if debug:
             raise
-        raise fail(str(exc), EXIT_REFUSED) from None
+        raise fail(_one_line(str(exc)), EXIT_REFUSED) from None
     except OSError as exc:
         if debug:
             raise
         where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
-        raise fail(f"{where}{exc.strerror or exc}", EXIT_WRITE) from None
-    except ValueError as exc:  # SourceError, PlanError, ConfigError, CheckpointError, ...
+        hint = "; fix the cause and rerun with --resume to continue" if exc.errno in RESUMABLE_ERRNOS else ""
+        raise fail(_one_line(f"{where}{exc.strerror or exc}{hint}"), EXIT_WRITE) from None
+    except (ValueError, RecursionError) as exc:  # SourceError, PlanError, ConfigError, CheckpointError, ...
         if debug:
             raise
-        raise fail(str(exc).strip("'\""), EXIT_INPUT) from None
+        raise fail(_one_line(str(exc)), EXIT_INPUT) from None
+    except Exception as exc:  # a bug of ours: still one line, the traceback behind --debug
+        if debug:
+            raise
+        raise fail(f"internal error ({type(exc).__name__}: {_one_line(str(exc))}); rerun with --debug for "
+                   "the traceback and please report it", EXIT_INPUT) from None

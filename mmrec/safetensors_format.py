@@ -74,6 +74,12 @@ def _fail(path: Path, message: str) -> SafetensorsFormatError:
     return SafetensorsFormatError(f"{path}: {message}")
 
 
+def _short(value: object, limit: int = 80) -> str:
+    """repr of a header value, cut so that an absurd header still gives a one-line message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 5] + " ...]"
+
+
 def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     """Parse and validate a safetensors header without reading any tensor data."""
     path = Path(path)
@@ -96,10 +102,11 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
         raise _fail(path, f"cannot read ({exc.strerror or exc})") from None
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _fail(path, f"header is not valid JSON ({exc})") from None
     except _DuplicateKey as exc:
-        raise _fail(path, f"tensor '{exc.args[0]}' is named twice in the header") from None
+        raise _fail(path, f"tensor '{_label(exc.args[0])}' is named twice in the header") from None
+    except (ValueError, RecursionError) as exc:  # bad JSON/UTF-8, over-long integers, absurd nesting
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise _fail(path, f"header is not valid JSON ({reason})") from None
     if not isinstance(header, dict):
         raise _fail(path, "header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
@@ -113,7 +120,7 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     for span in spans:
         if span.start != expected:
             kind = "overlaps the previous tensor" if span.start < expected else "leaves a gap before it"
-            raise _fail(path, f"tensor '{span.name}' {kind} (offset {span.start - data_start}, "
+            raise _fail(path, f"tensor '{_label(span.name)}' {kind} (offset {span.start - data_start}, "
                               f"expected {expected - data_start})")
         expected = span.end
     if expected - data_start > data_size:
@@ -135,28 +142,38 @@ def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
     return out
 
 
-def _parse_entry(path: Path, name: str, entry: object, data_start: int) -> TensorSpan:
+def _label(name: str) -> str:
+    """A tensor name as messages show it: control characters escaped (a message stays one line), an
+    absurdly long name cut."""
+    if not name.isprintable():
+        name = "".join(c if c.isprintable() else repr(c)[1:-1] for c in name)
+    return name if len(name) <= 200 else name[:195] + "[...]"
+
+
+def _parse_entry(path: Path, key: str, entry: object, data_start: int) -> TensorSpan:
+    name = _label(key)
     if not isinstance(entry, dict):
         raise _fail(path, f"tensor '{name}': entry is not a JSON object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPE_SIZES:
-        raise _fail(path, f"tensor '{name}': unknown dtype {dtype!r}")
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+        raise _fail(path, f"tensor '{name}': unknown dtype {_short(dtype)}")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                               for d in shape):
-        raise _fail(path, f"tensor '{name}': shape must be a list of non-negative integers, got {shape!r}")
+        raise _fail(path, f"tensor '{name}': shape must be a list of non-negative integers, got {_short(shape)}")
     if (not isinstance(offsets, list) or len(offsets) != 2
             or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
             or offsets[0] > offsets[1]):
         raise _fail(path, f"tensor '{name}': data_offsets must be [begin, end] with 0 <= begin <= end, "
-                          f"got {offsets!r}")
+                          f"got {_short(offsets)}")
     numel = 1
     for d in shape:
         numel *= d
     expected = numel * DTYPE_SIZES[dtype]
     if offsets[1] - offsets[0] != expected:
-        raise _fail(path, f"tensor '{name}': {dtype} {shape} needs {expected} bytes but its offsets span "
+        needs = f"{expected} bytes" if expected < 10**30 else "more bytes than any file holds"
+        raise _fail(path, f"tensor '{name}': {dtype} {_short(shape)} needs {needs} but its offsets span "
                           f"{offsets[1] - offsets[0]}")
-    return TensorSpan(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
+    return TensorSpan(key, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
 
 
 def layout_header(entries: list[tuple[str, str, tuple[int, ...]]],

@@ -10,6 +10,7 @@ complete, and one without it never looks complete.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -27,20 +28,42 @@ class OutputRefused(RuntimeError):
 
 
 def check_not_inside_source(source: Path, output: Path) -> None:
+    if not source.exists():
+        return  # opening the source says so, naming it
     src, out = source.resolve(), output.resolve()
-    src_dir = src if src.is_dir() else src.parent
-    if out == src or out == src_dir or src_dir in out.parents:
+    if src.is_dir():
+        inside = out == src or src in out.parents
+    else:  # a single file: its directory may hold other outputs, but never ours directly
+        inside = out == src or (out == src.parent and out.suffix != ".safetensors")
+    if inside:
         raise OutputRefused(f"--output {output} is inside the source {source}; the source is never written to")
     if out in src.parents and src.is_dir():
         raise OutputRefused(f"--output {output} contains the source {source}; choose another output")
 
 
+@contextlib.contextmanager
+def _naming(path: Path):
+    """Name the file in an OSError raised without one (write/flush/fsync: ENOSPC, EFBIG, EIO)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
+
+
 def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:  # ENOSPC from write/flush carries no file name: name it
+        tmp.unlink(missing_ok=True)
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
     os.replace(tmp, path)
 
 
@@ -85,6 +108,9 @@ class OutputState:
     def prepare(self, identity: dict, resume: bool, overwrite: bool, shard_names: list[str],
                 aux_names: list[str]) -> set[str]:
         """Create or reuse the state dir; return the shards a resume may keep."""
+        if self.directory.exists() and not self.directory.is_dir():
+            raise OutputRefused(f"--output {self.directory} is a file, not a directory (a single-file output "
+                                "must end in .safetensors)")
         if self.output_exists():
             if resume and self.path.exists():
                 self._lock()
@@ -145,7 +171,8 @@ class OutputState:
 
     def record_shard(self, shard: str, checksums: dict[str, str]) -> None:
         line = json.dumps({"shard": shard, "checksums": checksums}, sort_keys=True)
-        with open(self.path / "journal.jsonl", "a") as f:
+        path = self.path / "journal.jsonl"
+        with _naming(path), open(path, "a") as f:
             f.write(line + "\n")
             f.flush()
             os.fsync(f.fileno())
@@ -181,7 +208,8 @@ class OutputState:
             if partial.exists():
                 os.replace(partial, self.directory / shard)
         for path in copies:
-            shutil.copyfile(path, self.directory / path.name)
+            with _naming(self.directory / path.name):
+                shutil.copyfile(path, self.directory / path.name)
         for name, text in files.items():
             write_atomic(self.directory / name, text)
         fsync_dir(self.directory)

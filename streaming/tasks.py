@@ -3,6 +3,7 @@ open and memory-map the sources themselves, so no tensor data ever travels betwe
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -26,14 +27,33 @@ def worker_catalog(source: str):
         return catalog
 
 
-def prepare_shard(partial_path: str, header: bytes, size: int) -> str:
-    """Create the shard at its final size with its header in place; tensors fill it at their offsets."""
-    fd = os.open(partial_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+@contextlib.contextmanager
+def _naming(path: str):
+    """Give an OSError raised without a file name (pwrite, ftruncate, fsync: ENOSPC, EFBIG, EIO) the
+    path it was writing, so the user's one-line error says which file failed."""
     try:
-        _pwrite_all(fd, header, 0)
-        os.ftruncate(fd, size)
-    finally:
-        os.close(fd)
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror or str(exc), path) from exc
+        raise
+
+
+def prepare_shard(partial_path: str, header: bytes, size: int) -> str:
+    """Give the shard its final size and its header; tensors fill it at their offsets.
+
+    Idempotent: no O_TRUNC. dask reruns this task when the worker holding its result dies, possibly after
+    other workers already wrote tensors into the shard; truncating would wipe them. The layout covers
+    every byte of the file (header, then tensors without gaps), so stale bytes of an older partial file are
+    all overwritten, and ftruncate to the exact size drops anything longer.
+    """
+    with _naming(partial_path):
+        fd = os.open(partial_path, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            _pwrite_all(fd, header, 0)
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
     return partial_path
 
 
@@ -45,6 +65,13 @@ def write_rows(partial_path: str, tensor: dict, offset: int, row_bytes: int, row
     copy_from = (file, start, end) of a byte-exact source range: copied with os.copy_file_range, never
     through Python buffers. Otherwise rows are materialized block by block within chunk_bytes.
     """
+    with _naming(partial_path):
+        return _write_rows(partial_path, tensor, offset, row_bytes, row_start, row_stop, source, seed,
+                           chunk_bytes, copy_from)
+
+
+def _write_rows(partial_path, tensor, offset, row_bytes, row_start, row_stop, source, seed, chunk_bytes,
+                copy_from) -> int:
     first = offset + row_start * row_bytes
     nbytes = (row_stop - row_start) * row_bytes
     fd = os.open(partial_path, os.O_WRONLY)
@@ -78,7 +105,7 @@ def checksum_range(partial_path: str, start: int, end: int, _ready: object = Non
         while position < end:
             piece = os.pread(fd, min(COPY_CHUNK, end - position), position)
             if not piece:
-                raise OSError(errno.EIO, f"{partial_path}: file ends at {position}, expected {end} bytes")
+                raise OSError(errno.EIO, f"file ends at byte {position}, expected {end}", partial_path)
             digest.update(piece)
             position += len(piece)
     finally:
@@ -88,11 +115,12 @@ def checksum_range(partial_path: str, start: int, end: int, _ready: object = Non
 
 def seal_shard(partial_path: str, _ready: object = None) -> str:
     """Flush the shard to disk; only then may the journal call it complete."""
-    fd = os.open(partial_path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with _naming(partial_path):
+        fd = os.open(partial_path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     return partial_path
 
 
@@ -123,7 +151,7 @@ def _copy_range(src_path: str, src_offset: int, dst_fd: int, dst_offset: int, nb
                 _pwrite_all(dst_fd, piece, dst_offset + done)
                 copied = len(piece)
             if copied == 0:
-                raise OSError(errno.EIO, f"{src_path}: ended before byte {src_offset + nbytes}")
+                raise OSError(errno.EIO, f"source file ends before byte {src_offset + nbytes}", src_path)
             done += copied
     finally:
         os.close(src_fd)

@@ -44,7 +44,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--converted", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True, help="parent directory of the variants")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="(variants are always built with seed 0)")
     parser.add_argument("--only", nargs="*", default=list(VARIANTS))
     args = parser.parse_args()
     converted = MMRecModel.from_pretrained(args.converted, dtype=torch.float32)

@@ -103,8 +103,8 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % 25 == 0 or step == 1:
-            log.append({"step": step, "loss": float(loss), "lr": lr, "elapsed_s": time.perf_counter() - began})
-            print(f"pretrain step {step} loss {float(loss):.4f} {time.perf_counter() - began:.0f}s", flush=True)
+            log.append({"step": step, "loss": loss.item(), "lr": lr, "elapsed_s": time.perf_counter() - began})
+            print(f"pretrain step {step} loss {loss.item():.4f} {time.perf_counter() - began:.0f}s", flush=True)
         if time.perf_counter() - began > args.max_seconds:
             print(f"pretrain: time limit after step {step}", flush=True)
             break

@@ -51,6 +51,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--eval-tokens", type=int, default=65536)
+    parser.add_argument("--cli", action="store_true", help="use the mmrec CLI (needs typer); default: the "
+                        "same calls through the Python API, for machines without typer")
     parser.add_argument("--arms", default="a,b,c,emb-only,ffn-only,no-att,init-only")
     args = parser.parse_args()
     began = time.monotonic()
@@ -65,12 +67,20 @@ def main() -> None:
          "--max-seconds", args.pretrain_seconds, *(["--tiny", "--batch-size", 4, "--seq-len", 64] if args.tiny else [])])
     for mapping in ("default", "extended"):
         out = work / f"conv-{mapping}"
-        result = run([PY, "-m", "mmrec", "shard-convert", "--source", llama, "--output", out, "--mapping", mapping,
-                      "--json", "-q"], capture_output=True, text=True)
-        report = json.loads(result.stdout)
+        if args.cli:
+            result = run([PY, "-m", "mmrec", "shard-convert", "--source", llama, "--output", out, "--mapping",
+                          mapping, "--json", "-q"], capture_output=True, text=True)
+            report = json.loads(result.stdout)
+        else:  # the same call as `mmrec shard-convert --source LLAMA --output OUT --mapping M`, without typer
+            from mmrec.streaming.convert import ConvertOptions, convert
+
+            log(f"shard-convert --source {llama} --output {out} --mapping {mapping} (Python API)")
+            report = convert(ConvertOptions(source=llama, output=out, mapping=mapping, quiet=True))
         log(f"conv-{mapping}: {report['converted_keys']}/{report['total_keys']} keys, "
             f"{report['transferred_parameter_share']:.1%} of the parameters transferred")
-    variants = [a for a in args.arms.split(",") if a not in ("a", "b", "c")]
+    # An arm is NAME or NAME:SEED (default seed 0); its output is ft-NAME (seed 0) or ft-NAME-sSEED.
+    arms = [(spec.partition(":")[0], int(spec.partition(":")[2] or 0)) for spec in args.arms.split(",")]
+    variants = sorted({a for a, _ in arms if a not in ("a", "b", "c")})
     if variants:
         run([PY, HERE / "make_variants.py", "--converted", work / "conv-default", "--out", work / "variants",
              "--only", *variants])
@@ -80,13 +90,14 @@ def main() -> None:
     common = ["--data", work / "finetune.jsonl", "--eval-data", work / "eval.jsonl", "--num-steps", args.steps,
               "--lr", args.lr, "--batch-size", args.batch_size, "--seq-len", args.seq_len, "--warmup-steps",
               max(1, args.steps // 20), "--dropout", "0", "--eval-every", args.eval_every, "--eval-tokens",
-              args.eval_tokens, "--seed", 0, "--threads", 2, "--json", "--log-every", 50]
+              args.eval_tokens, "--threads", 2, "--json", "--log-every", 50]
     processes = {}
-    for arm in args.arms.split(","):
+    for name, seed in arms:
+        arm = name if seed == 0 else f"{name}-s{seed}"
         out = work / f"ft-{arm}"
-        cmd = [PY, "-m", "mmrec", "finetune", "--checkpoint", checkpoints[arm], "--output", out, *common]
-        if arm == "b":
-            cmd.append("--fresh")
+        cli = ["--checkpoint", checkpoints[name], "--output", out, *common, "--seed", seed,
+               *(["--fresh"] if name == "b" else [])]
+        cmd = [PY, "-m", "mmrec", "finetune", *cli] if args.cli else [PY, HERE / "finetune_no_typer.py", *cli]
         log("$ " + " ".join(map(str, cmd)))
         processes[arm] = subprocess.Popen(list(map(str, cmd)), stdout=open(work / f"ft-{arm}.json", "w"),
                                           stderr=open(work / f"ft-{arm}.log", "w"))

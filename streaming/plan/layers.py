@@ -7,7 +7,7 @@ import json
 from .model import PlanError
 
 
-def _parse_list(spec: str) -> list[int | None]:
+def parse_layer_list(spec: str) -> list[int | None]:
     spec = spec.strip()
     try:
         items = json.loads(spec) if spec.startswith("[") else [s.strip() for s in spec.split(",")]
@@ -38,7 +38,7 @@ def build_layer_map(spec: str | list, source_layers: int, target_layers: int) ->
             return [0]
         # round(i * (s-1) / (t-1)) in integers: first and last layers are kept
         return [(2 * i * (s - 1) + (t - 1)) // (2 * (t - 1)) for i in range(t)]
-    layers = list(spec) if isinstance(spec, list) else _parse_list(str(spec))
+    layers = list(spec) if isinstance(spec, list) else parse_layer_list(str(spec))
     if len(layers) != t:
         raise PlanError(f"--layer-map lists {len(layers)} layers but the target has {t} (--num_layers)")
     for i, layer in enumerate(layers):

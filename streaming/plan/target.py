@@ -80,6 +80,8 @@ def build_target_config(a: Any, overrides: dict | None, out_dtype: str) -> tuple
             norm_eps=float(eps) if eps is not None else 1e-6,
             torch_dtype=CODE_TO_TORCH_NAME[out_dtype])
     except ConfigError as exc:
-        flag = next((k for k in OVERRIDE_KEYS if f"'{k}'" in str(exc)), None)
+        message = str(exc)  # hint the option named first in the message
+        flag = min((k for k in OVERRIDE_KEYS if f"'{k}'" in message), key=lambda k: message.index(f"'{k}'"),
+                   default=None)
         raise PlanError(f"{exc}" + (f" (--{flag})" if flag else "")) from None
     return config, warnings

@@ -8,7 +8,7 @@ from pathlib import Path
 from . import meta, safetensors_source, torch_source
 from .catalog import (Piece, SourceCatalog, SourceError, SourceTensor, build_tensors, find_aux_files,
                       load_json, normalize_name)
-from .paths import check_not_lfs_pointer
+from .paths import check_inside_dir, check_not_lfs_pointer
 
 __all__ = ["open_source", "SourceCatalog", "SourceError", "SourceTensor", "Piece", "normalize_name"]
 
@@ -26,6 +26,11 @@ def open_source(path: str | os.PathLike) -> SourceCatalog:
     else:
         root, layout, files, index = _detect_file(path)
 
+    aux_files = find_aux_files(root)
+    explicit = path if path.is_file() else None  # a file the user named may live anywhere
+    for f in [*files, *aux_files, root / "config.json", root / "params.json"]:
+        if f != explicit and (f.is_symlink() or f.exists()):
+            check_inside_dir(root, f)
     config = None
     if layout == "meta":
         config = load_json(root / "params.json")
@@ -44,7 +49,7 @@ def open_source(path: str | os.PathLike) -> SourceCatalog:
     if not entries:
         raise SourceError(f"{path}: holds no tensors")
     tensors = build_tensors(entries, lambda t: Path(t.pieces[0].file).name)
-    return SourceCatalog(root, layout, files, tensors, config, find_aux_files(root))
+    return SourceCatalog(root, layout, files, tensors, config, aux_files)
 
 
 def _detect_file(path: Path):

@@ -19,7 +19,17 @@ from mmrec.safetensors_format import DTYPE_SIZES, CODE_TO_TORCH_NAME
 
 
 class SourceError(ValueError):
-    """A source checkpoint that cannot be used; the message names the file (and tensor) and the problem."""
+    """A source checkpoint that cannot be used; the message names the file (and tensor) and the problem.
+
+    The message is one printable line whatever the file holds: control characters in names taken from
+    the file are escaped, and an absurdly long message is cut."""
+
+    def __init__(self, message: str):
+        if not message.isprintable():
+            message = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+        if len(message) > 1000:
+            message = message[:990] + " [...]"
+        super().__init__(message)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,8 +298,9 @@ def load_json(path: Path) -> dict:
             data = json.load(f)
     except OSError as exc:
         raise SourceError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SourceError(f"{path}: not valid JSON ({exc})") from None
+    except (ValueError, RecursionError) as exc:  # bad JSON/UTF-8, over-long integers, absurd nesting
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise SourceError(f"{path}: not valid JSON ({reason})") from None
     if not isinstance(data, dict):
         raise SourceError(f"{path}: expected a JSON object")
     return data

@@ -9,22 +9,52 @@ from .catalog import SourceError
 LFS_PREFIX = b"version https://git-lfs"
 
 
+def allowed_roots(root: Path) -> list[Path]:
+    """Where the files of a checkpoint directory may really live: the directory itself and, for a
+    Hugging Face cache snapshot (`models--org--name/snapshots/<rev>/`, whose files are symlinks to
+    `../../blobs/<hash>`), that repository's blob store."""
+    resolved = root.resolve()
+    roots = [resolved]
+    if resolved.parent.name == "snapshots":
+        roots.append(resolved.parent.parent / "blobs")
+    return roots
+
+
+def leads_outside(root: Path, target: Path) -> Path | None:
+    """The real path of `target` when it (through symlinks) lies outside `root`; None when inside."""
+    resolved = target.resolve()
+    if any(resolved.is_relative_to(r) for r in allowed_roots(root)):
+        return None
+    return resolved
+
+
+def check_inside_dir(root: Path, path: Path) -> None:
+    """Refuse a file of a checkpoint directory that is a symlink leading out of it: weights, configs and
+    tokenizer files are read (and copied to the output) only from inside the source."""
+    outside = leads_outside(root, path)
+    if outside is not None:
+        raise SourceError(f"{path}: is a symlink leading outside the source directory (to {outside}); "
+                          "refusing to read it")
+
+
 def resolve_in_dir(index_path: Path, name: object) -> Path:
     """The weight file an index names, refusing anything outside the index's directory."""
     root = index_path.parent.resolve()
-    if not isinstance(name, str) or not name:
-        raise SourceError(f"{index_path}: file name {name!r} is not a non-empty string")
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise SourceError(f"{index_path}: file name {str(name)[:80]!r} is not a non-empty string")
+    if not name.isprintable() or len(name) > 255:
+        raise SourceError(f"{index_path}: file name {name[:80]!r} is not a plausible weight file name")
     rel = Path(name)
     if rel.is_absolute() or ".." in rel.parts:
         raise SourceError(f"{index_path}: refers to '{name}', a path outside its directory")
     target = root / rel
     if not target.exists():
         raise SourceError(f"{index_path}: refers to '{name}', which does not exist")
-    resolved = target.resolve()
-    if not resolved.is_relative_to(root):
+    outside = leads_outside(root, target)
+    if outside is not None:
         raise SourceError(f"{index_path}: refers to '{name}', which leads outside its directory "
-                          f"(to {resolved})")
-    if not resolved.is_file():
+                          f"(to {outside})")
+    if not target.resolve().is_file():
         raise SourceError(f"{index_path}: refers to '{name}', which is not a file")
     return target.absolute()
 

@@ -22,6 +22,9 @@ def files_from_index(index_path: Path) -> tuple[list[Path], dict[str, Path]]:
     by_name: dict[str, Path] = {}
     resolved: dict[str, Path] = {}
     for tensor_name, file_name in weight_map.items():
+        if not isinstance(file_name, str):
+            raise SourceError(f"{index_path}: tensor '{tensor_name[:200]}' maps to {str(file_name)[:80]!r}, "
+                              "not a file name")
         if file_name not in resolved:
             resolved[file_name] = resolve_in_dir(index_path, file_name)
         by_name[tensor_name] = resolved[file_name]

@@ -103,6 +103,11 @@ def read_torch_zip(path: Path) -> list[tuple[str, str, tuple[int, ...], Piece]]:
     """(name, dtype, shape, piece) for every tensor of a torch.save zip file, in pickle order."""
     check_not_lfs_pointer(path)
     if not is_zip(path):
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if len(head) < 2 or head[0] != 0x80:  # a legacy torch.save file starts with a pickle opcode
+            raise SourceError(f"{path}: not a torch.save file ({os.path.getsize(path)} bytes; neither a zip "
+                              "archive nor a legacy pickle), or truncated")
         raise SourceError(f"{path}: is a legacy (non-zip) torch.save file, which cannot be read without "
                           "running its pickle; re-save it with torch >= 1.6 (torch.save default) or as "
                           "safetensors")
@@ -118,7 +123,7 @@ def read_torch_zip(path: Path) -> list[tuple[str, str, tuple[int, ...], Piece]]:
                 raise SourceError(f"{path}: big-endian torch file; only little-endian is supported")
             raw = zf.read(pkl_names[0])
     except zipfile.BadZipFile as exc:
-        raise SourceError(f"{path}: damaged zip file ({exc})") from None
+        raise SourceError(f"{path}: damaged or truncated zip file ({exc})") from None
     except OSError as exc:
         raise SourceError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
