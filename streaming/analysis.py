@@ -1,7 +1,7 @@
 """Step 1 of the guide: what a source checkpoint is, from headers and config files only.
 
-Each family is one row of declarative data (`FAMILIES`): the names of its embedding, head and MLP
-tensors, the config keys that hold each size, and its defaults. Values come from the config when it has
+Each family's module in `streaming/families/` declares a `SizeSpec`: the names of its embedding, head and
+MLP tensors, the config keys that hold each size, and its defaults. Values come from the config when it has
 them; otherwise they are derived from tensor shapes and listed in `guessed`. A config that contradicts
 the shapes is an error, since every later step trusts these numbers.
 """
@@ -13,76 +13,15 @@ import math
 import re
 from collections import Counter
 
+from .families import FAMILIES as FAMILY_CLASSES
+from .families.base import SizeSpec
+from .families.llama import META_SIZES
 from .sources.catalog import SourceCatalog, SourceError, SourceTensor
 
 
-@dataclasses.dataclass(frozen=True)
-class Family:
-    model_type: str
-    embedding: str  # normalized tensor names
-    head: str
-    layer_prefix: str  # layer i's tensors start with f"{layer_prefix}{i}."
-    ffn_tensor: str  # in layer 0; gives ffn_dim
-    ffn_axis: int  # which axis of ffn_tensor is ffn_dim
-    ffn_div: int  # ffn_tensor's axis holds ffn_div * ffn_dim (phi3's fused gate_up)
-    q_tensor: str | None  # q rows = heads * head_dim (None: fused, read from config)
-    k_tensor: str | None
-    keys: dict  # field -> config keys tried in order
-    hidden_act: str  # default activation
-    gated_mlp: bool
-    tied_default: bool
-    markers: tuple[str, ...]  # normalized names (layer 0) that identify the family without a config
-
-
-_LLAMA_KEYS = {"vocab_size": ("vocab_size",), "model_dim": ("hidden_size",),
-               "num_layers": ("num_hidden_layers",), "num_heads": ("num_attention_heads",),
-               "num_kv_heads": ("num_key_value_heads",), "head_dim": ("head_dim",),
-               "ffn_dim": ("intermediate_size",), "hidden_act": ("hidden_act",),
-               "norm_eps": ("rms_norm_eps",), "tied_embeddings": ("tie_word_embeddings",)}
-_GPT2_KEYS = {"vocab_size": ("vocab_size",), "model_dim": ("n_embd", "hidden_size"),
-              "num_layers": ("n_layer", "num_hidden_layers"), "num_heads": ("n_head", "num_attention_heads"),
-              "ffn_dim": ("n_inner",), "hidden_act": ("activation_function",),
-              "norm_eps": ("layer_norm_epsilon",), "tied_embeddings": ("tie_word_embeddings",)}
-
-
-def _llama_like(model_type, hidden_act="silu", tied=False, markers=("layers.0.self_attn.q_proj.weight",
-                                                                     "layers.0.mlp.gate_proj.weight")):
-    return Family(model_type, "embed_tokens.weight", "lm_head.weight", "layers.", "layers.0.mlp.up_proj.weight",
-                  0, 1, "layers.0.self_attn.q_proj.weight", "layers.0.self_attn.k_proj.weight", _LLAMA_KEYS,
-                  hidden_act, True, tied, markers)
-
-
-FAMILIES: dict[str, Family] = {
-    "llama": _llama_like("llama"),
-    "mistral": _llama_like("mistral"),
-    "qwen2": _llama_like("qwen2", markers=("layers.0.self_attn.q_proj.bias", "layers.0.mlp.gate_proj.weight")),
-    "gemma": dataclasses.replace(
-        _llama_like("gemma", "gelu_pytorch_tanh", tied=True, markers=()),
-        keys={**_LLAMA_KEYS, "hidden_act": ("hidden_activation", "hidden_act")}),
-    "phi3": Family("phi3", "embed_tokens.weight", "lm_head.weight", "layers.", "layers.0.mlp.gate_up_proj.weight",
-                   0, 2, None, None, _LLAMA_KEYS, "silu", True, False,
-                   ("layers.0.self_attn.qkv_proj.weight", "layers.0.mlp.gate_up_proj.weight")),
-    "gpt2": Family("gpt2", "wte.weight", "lm_head.weight", "h.", "h.0.mlp.c_fc.weight", 1, 1, None, None,
-                   _GPT2_KEYS, "gelu_new", False, True, ("h.0.attn.c_attn.weight",)),
-    "gpt_neo": Family("gpt_neo", "wte.weight", "lm_head.weight", "h.", "h.0.mlp.c_fc.weight", 0, 1,
-                      "h.0.attn.attention.q_proj.weight", "h.0.attn.attention.k_proj.weight",
-                      {**_GPT2_KEYS, "model_dim": ("hidden_size",), "num_layers": ("num_layers",),
-                       "num_heads": ("num_heads",), "ffn_dim": ("intermediate_size",)},
-                      "gelu_new", False, True, ("h.0.attn.attention.q_proj.weight",)),
-    "gpt_neox": Family("gpt_neox", "embed_in.weight", "embed_out.weight", "layers.",
-                       "layers.0.mlp.dense_h_to_4h.weight", 0, 1, None, None,
-                       {**_LLAMA_KEYS, "num_kv_heads": (), "head_dim": (), "norm_eps": ("layer_norm_eps",)},
-                       "gelu", False, False, ("layers.0.attention.query_key_value.weight",)),
-    "gptj": Family("gptj", "wte.weight", "lm_head.weight", "h.", "h.0.mlp.fc_in.weight", 0, 1,
-                   "h.0.attn.q_proj.weight", "h.0.attn.k_proj.weight", _GPT2_KEYS, "gelu_new", False, False,
-                   ("h.0.attn.q_proj.weight", "h.0.mlp.fc_in.weight")),
-}
-# Meta's own names for the llama family (params.json instead of config.json).
-META = Family("llama", "tok_embeddings.weight", "output.weight", "layers.", "layers.0.feed_forward.w1.weight",
-              0, 1, "layers.0.attention.wq.weight", "layers.0.attention.wk.weight",
-              {"vocab_size": ("vocab_size",), "model_dim": ("dim",), "num_layers": ("n_layers",),
-               "num_heads": ("n_heads",), "num_kv_heads": ("n_kv_heads",), "norm_eps": ("norm_eps",)},
-              "silu", True, False, ())
+FAMILIES: dict[str, SizeSpec] = {model_type: cls.sizes for model_type, cls in FAMILY_CLASSES.items()}
+# Config-less detection tries the families with the most (most specific) markers first.
+_BY_MARKERS = sorted(((t, f) for t, f in FAMILIES.items() if f.markers), key=lambda item: -len(item[1].markers))
 
 # Non-parameter buffers some checkpoints carry (causal masks, rotary tables).
 _BUFFER_RE = re.compile(r"(^|\.)(attn\.bias|attn\.masked_bias|masked_bias|rotary_emb\.inv_freq|rope\.freqs)$")
@@ -113,10 +52,10 @@ class SourceAnalysis:
         return dataclasses.asdict(self)
 
 
-def detect_family(catalog: SourceCatalog) -> tuple[Family, bool]:
-    """The family and whether it was guessed from tensor names (no usable config)."""
+def detect_family(catalog: SourceCatalog) -> tuple[str, SizeSpec, bool]:
+    """(model_type, where its sizes are, whether it was guessed from tensor names for want of a config)."""
     if catalog.layout == "meta":
-        return META, False
+        return "llama", META_SIZES, False
     config = catalog.config or {}
     model_type = config.get("model_type")
     if model_type is not None:
@@ -124,19 +63,19 @@ def detect_family(catalog: SourceCatalog) -> tuple[Family, bool]:
             raise SourceError(f"{catalog.root}: model_type '{model_type}' is not a known family "
                               f"({', '.join(FAMILIES)}); describe its tensors in a custom mapping file "
                               "(--mapping-file)")
-        return FAMILIES[model_type], False
+        return model_type, FAMILIES[model_type], False
     names = catalog.tensors
     if "tok_embeddings.weight" in names and "layers.0.attention.wq.weight" in names:
-        return META, True  # Meta names in a plain .pth file
-    for family in FAMILIES.values():
-        if family.markers and all(m in names for m in family.markers):
-            return family, True
+        return "llama", META_SIZES, True  # Meta names in a plain .pth file
+    for model_type, family in _BY_MARKERS:
+        if all(m in names for m in family.markers):
+            return model_type, family, True
     raise SourceError(f"{catalog.root}: cannot tell the model family from its tensor names (no config.json "
                       f"with a model_type); describe its tensors in a custom mapping file (--mapping-file)")
 
 
 def analyze(catalog: SourceCatalog) -> SourceAnalysis:
-    family, family_guessed = detect_family(catalog)
+    model_type, family, family_guessed = detect_family(catalog)
     config = catalog.config or {}
     t = catalog.tensors
     where = catalog.root
@@ -144,7 +83,7 @@ def analyze(catalog: SourceCatalog) -> SourceAnalysis:
 
     def need(name: str) -> SourceTensor:
         if name not in t:
-            raise SourceError(f"{where}: {family.model_type} checkpoint without tensor '{name}'")
+            raise SourceError(f"{where}: {model_type} checkpoint without tensor '{name}'")
         return t[name]
 
     def from_config(field: str):
@@ -181,7 +120,7 @@ def analyze(catalog: SourceCatalog) -> SourceAnalysis:
     ffn_dim = from_config("ffn_dim")
     if ffn_dim is None:
         ffn_dim = ffn_shape
-        if not (family.model_type in ("gpt2", "gptj", "gpt_neo") and ffn_shape == 4 * model_dim):
+        if not (model_type in ("gpt2", "gptj", "gpt_neo") and ffn_shape == 4 * model_dim):
             guessed.append("ffn_dim")  # gpt2-style configs say None for "4 * n_embd": read, not guessed
     elif ffn_dim != ffn_shape:
         raise SourceError(f"{where}: config says ffn_dim = {ffn_dim} but '{family.ffn_tensor}' gives {ffn_shape}")
@@ -222,7 +161,7 @@ def analyze(catalog: SourceCatalog) -> SourceAnalysis:
         dtypes[st.dtype] += st.numel
     dtype = dtypes.most_common(1)[0][0] if dtypes else next(iter(t.values())).dtype
     return SourceAnalysis(
-        model_type=family.model_type, vocab_size=int(vocab_size), model_dim=int(model_dim),
+        model_type=model_type, vocab_size=int(vocab_size), model_dim=int(model_dim),
         num_layers=int(num_layers), num_heads=int(num_heads), num_kv_heads=int(num_kv_heads),
         head_dim=int(head_dim), ffn_dim=int(ffn_dim), tied_embeddings=tied, dtype=dtype,
         num_parameters=params, total_bytes=total_bytes, files=[str(f) for f in catalog.files],
@@ -241,11 +180,11 @@ def _guess_head_dim(q_rows: int, k_rows: int) -> int:
     return size
 
 
-def _tied(catalog: SourceCatalog, family: Family, config: dict) -> bool:
+def _tied(catalog: SourceCatalog, family: SizeSpec, config: dict) -> bool:
     head = catalog.tensors.get(family.head)
     if head is None:
         return True  # no head stored: it is the embedding (transformers omits tied heads)
     if head.pieces == catalog.tensors[family.embedding].pieces:
         return True  # one storage under two names (a torch.save of a tied model)
-    value = config.get("tie_word_embeddings") if family is not META else None
+    value = config.get("tie_word_embeddings") if family is not META_SIZES else None
     return bool(value) if value is not None else False  # transformers ties a stored head when asked to

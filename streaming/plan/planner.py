@@ -11,8 +11,8 @@ from typing import Any
 from mmrec.schema import parameter_specs
 
 from ..transforms import STRUCTURAL_FREE, infer_shape
-from .families import get_family, FAMILIES
-from .families.base import kv_dim
+from ..families import FAMILIES, get_family
+from ..families.base import kv_dim
 from .layers import build_layer_map
 from .mapping import ModelWeightConverter, target_layer
 from .model import SCORE_COPY, SCORE_EXACT, SCORE_NEW, SCORE_PARTIAL, ConversionPlan, PlanError, TensorPlan

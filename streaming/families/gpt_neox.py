@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Family, Src, norm, register
+from .base import Family, LLAMA_KEYS, SizeSpec, Src, norm, register
 
 
 def _qkv(pattern: str, heads: int, part: int) -> Src:
@@ -12,6 +12,9 @@ def _qkv(pattern: str, heads: int, part: int) -> Src:
 @register
 class GPTNeoX(Family):
     model_types = ("gpt_neox",)
+    sizes = SizeSpec("embed_in.weight", "embed_out.weight", "layers.", "layers.0.mlp.dense_h_to_4h.weight", 0, 1,
+                     None, None, {**LLAMA_KEYS, "num_kv_heads": (), "head_dim": (), "norm_eps": ("layer_norm_eps",)},
+                     "gelu", False, ("layers.0.attention.query_key_value.weight",))
     norm_is_layernorm = True
 
     def roles(self, a, names):

@@ -5,12 +5,15 @@ Its lm_head has a bias, which MM-Rec's head lacks: that bias is dropped.
 
 from __future__ import annotations
 
-from .base import Family, Src, norm, register
+from .base import Family, GPT2_KEYS, SizeSpec, Src, norm, register
 
 
 @register
 class GPTJ(Family):
     model_types = ("gptj",)
+    sizes = SizeSpec("wte.weight", "lm_head.weight", "h.", "h.0.mlp.fc_in.weight", 0, 1, "h.0.attn.q_proj.weight",
+                     "h.0.attn.k_proj.weight", GPT2_KEYS, "gelu_new", False,
+                     ("h.0.attn.q_proj.weight", "h.0.mlp.fc_in.weight"))
     norm_is_layernorm = True
 
     def roles(self, a, names):

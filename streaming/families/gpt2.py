@@ -5,12 +5,14 @@ LayerNorm weights stand in for RMSNorm weights (bias dropped: 0.5); position emb
 
 from __future__ import annotations
 
-from .base import Family, Src, norm, register, rows, transpose
+from .base import Family, GPT2_KEYS, SizeSpec, Src, norm, register, rows, transpose
 
 
 @register
 class GPT2(Family):
     model_types = ("gpt2",)
+    sizes = SizeSpec("wte.weight", "lm_head.weight", "h.", "h.0.mlp.c_fc.weight", 1, 1, None, None, GPT2_KEYS,
+                     "gelu_new", False, ("h.0.attn.c_attn.weight",))
     norm_is_layernorm = True
 
     def roles(self, a, names):

@@ -7,7 +7,7 @@ restores the canonical layout).
 
 from __future__ import annotations
 
-from .base import Family, Src, llama_global_roles, llama_layer_roles, register
+from .base import Family, SizeSpec, Src, llama_global_roles, llama_layer_roles, llama_sizes, register
 
 
 def is_meta(names: set[str]) -> bool:
@@ -31,9 +31,18 @@ def meta_roles(a) -> tuple[dict[str, Src], dict[str, Src]]:
     return glob, layer
 
 
+# Meta's own names for the llama family (params.json instead of config.json).
+META_SIZES = SizeSpec("tok_embeddings.weight", "output.weight", "layers.", "layers.0.feed_forward.w1.weight", 0, 1,
+                      "layers.0.attention.wq.weight", "layers.0.attention.wk.weight",
+                      {"vocab_size": ("vocab_size",), "model_dim": ("dim",), "num_layers": ("n_layers",),
+                       "num_heads": ("n_heads",), "num_kv_heads": ("n_kv_heads",), "norm_eps": ("norm_eps",)},
+                      "silu", True, ())
+
+
 @register
 class Llama(Family):
     model_types = ("llama",)
+    sizes = llama_sizes()
 
     def roles(self, a, names):
         if is_meta(names):

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from .base import Family, Src, norm, register
+from .base import Family, GPT2_KEYS, SizeSpec, Src, norm, register
 
 
 @register
 class GPTNeo(Family):
     model_types = ("gpt_neo",)
+    sizes = SizeSpec("wte.weight", "lm_head.weight", "h.", "h.0.mlp.c_fc.weight", 0, 1,
+                     "h.0.attn.attention.q_proj.weight", "h.0.attn.attention.k_proj.weight",
+                     {**GPT2_KEYS, "model_dim": ("hidden_size",), "num_layers": ("num_layers",),
+                      "num_heads": ("num_heads",), "ffn_dim": ("intermediate_size",)},
+                     "gelu_new", False, ("h.0.attn.attention.q_proj.weight",))
     norm_is_layernorm = True
 
     def roles(self, a, names):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from .base import Family, Src, kv_dim, llama_global_roles, q_dim, register, rows
+from .base import Family, Src, kv_dim, llama_global_roles, llama_sizes, q_dim, register, rows
 
 
 @register
 class Phi3(Family):
     model_types = ("phi3",)
+    sizes = llama_sizes(ffn_tensor="layers.0.mlp.gate_up_proj.weight", ffn_div=2, q_tensor=None, k_tensor=None,
+                        markers=("layers.0.self_attn.qkv_proj.weight", "layers.0.mlp.gate_up_proj.weight"))
 
     def roles(self, a, names):
         p = "layers.{i}."

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .base import Family, llama_global_roles, llama_layer_roles, register
+from .base import Family, LLAMA_KEYS, llama_global_roles, llama_layer_roles, llama_sizes, register
 
 PLUS_ONE = ({"op": "add", "value": 1.0},)
 
@@ -12,6 +12,8 @@ PLUS_ONE = ({"op": "add", "value": 1.0},)
 @register
 class Gemma(Family):
     model_types = ("gemma",)
+    sizes = llama_sizes("gelu_pytorch_tanh", markers=(),
+                        keys={**LLAMA_KEYS, "hidden_act": ("hidden_activation", "hidden_act")})
 
     def roles(self, a, names):
         glob, layer = llama_global_roles(), llama_layer_roles()

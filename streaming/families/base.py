@@ -1,4 +1,5 @@
-"""What a source family is: a table from roles (embed, q, up, ...) to source tensor names and transforms.
+"""What a source family is, in one place per family: how analysis reads its sizes (`SizeSpec`, step 1)
+and which source tensor fills each role (embed, q, up, ...) with which transforms (`roles`, step 2).
 
 A family module declares one `Family` subclass and decorates it with `@register`; the package imports
 every module in this folder, so adding a family touches one place: a new module.
@@ -8,6 +9,44 @@ from __future__ import annotations
 
 import dataclasses
 from typing import Any, ClassVar
+
+@dataclasses.dataclass(frozen=True)
+class SizeSpec:
+    """Where analysis finds a family's sizes: tensor names (normalized) and config keys."""
+
+    embedding: str
+    head: str
+    layer_prefix: str  # layer i's tensors start with f"{layer_prefix}{i}."
+    ffn_tensor: str  # in layer 0; gives ffn_dim
+    ffn_axis: int  # which axis of ffn_tensor is ffn_dim
+    ffn_div: int  # ffn_tensor's axis holds ffn_div * ffn_dim (phi3's fused gate_up)
+    q_tensor: str | None  # q rows = heads * head_dim (None: fused, read from config)
+    k_tensor: str | None
+    keys: dict  # field -> config keys tried in order
+    hidden_act: str  # default activation
+    gated_mlp: bool
+    markers: tuple[str, ...]  # normalized names (layer 0) that identify the family without a config
+
+
+LLAMA_KEYS = {"vocab_size": ("vocab_size",), "model_dim": ("hidden_size",),
+              "num_layers": ("num_hidden_layers",), "num_heads": ("num_attention_heads",),
+              "num_kv_heads": ("num_key_value_heads",), "head_dim": ("head_dim",),
+              "ffn_dim": ("intermediate_size",), "hidden_act": ("hidden_act",),
+              "norm_eps": ("rms_norm_eps",), "tied_embeddings": ("tie_word_embeddings",)}
+GPT2_KEYS = {"vocab_size": ("vocab_size",), "model_dim": ("n_embd", "hidden_size"),
+             "num_layers": ("n_layer", "num_hidden_layers"), "num_heads": ("n_head", "num_attention_heads"),
+             "ffn_dim": ("n_inner",), "hidden_act": ("activation_function",),
+             "norm_eps": ("layer_norm_epsilon",), "tied_embeddings": ("tie_word_embeddings",)}
+
+
+def llama_sizes(hidden_act: str = "silu", markers=("layers.0.self_attn.q_proj.weight",
+                                                    "layers.0.mlp.gate_proj.weight"), **changes) -> SizeSpec:
+    """The Hugging Face LLaMA layout's sizes, shared by llama, mistral, qwen2, gemma."""
+    spec = SizeSpec("embed_tokens.weight", "lm_head.weight", "layers.", "layers.0.mlp.up_proj.weight", 0, 1,
+                    "layers.0.self_attn.q_proj.weight", "layers.0.self_attn.k_proj.weight", LLAMA_KEYS,
+                    hidden_act, True, markers)
+    return dataclasses.replace(spec, **changes)
+
 
 # Roles a family may fill. Global roles have no layer; layer roles use '{i}' for the source layer.
 GLOBAL_ROLES = ("embed", "lm_head", "final_norm")
@@ -29,6 +68,7 @@ class Family:
     """Base class: subclasses set `model_types` and implement `roles`."""
 
     model_types: ClassVar[tuple[str, ...]] = ()
+    sizes: ClassVar[SizeSpec]  # how analysis reads this family's sizes
     norm_is_layernorm: ClassVar[bool] = False  # LayerNorm (weight + bias): norms transfer at 0.5
 
     def roles(self, a: Any, names: set[str]) -> tuple[dict[str, Src], dict[str, Src]]:
