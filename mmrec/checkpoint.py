@@ -92,41 +92,54 @@ def write_index(directory: Path, weight_map: dict[str, str], total_size: int) ->
     (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 
+def checkpoint_file_paths(directory: Path) -> list[Path]:
+    """The files a checkpoint directory's loader would read: shards, index and config.json."""
+    if not directory.is_dir():
+        return []
+    return [p for p in directory.iterdir() if p.is_file() and (
+        p.suffix == ".safetensors" or p.name in ("config.json", INDEX_NAME))]
+
+
 def save_pretrained(model: nn.Module, path: str | os.PathLike, max_shard_size: str | int = "5GB",
                     dtype: torch.dtype | str | None = None) -> None:
     """Write config.json, sharded safetensors and (for more than one shard) the index.
 
-    A tied lm_head is stored once, as embedding.weight.
+    A tied lm_head is stored once, as embedding.weight. An earlier checkpoint in the directory is replaced
+    whole (its stale shards or index would otherwise be loaded). Tensors are cast one at a time, so saving
+    in another dtype never holds a second copy of the model.
     """
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     params = dict(model.named_parameters(remove_duplicate=False))
     out_dtype = torch_dtype(dtype) if dtype is not None else None
-    tensors = {}
-    for spec in parameter_specs(model.config):
-        tensor = params[spec.name].detach()
-        tensors[spec.name] = tensor.to(out_dtype) if out_dtype is not None else tensor
-    stored_dtype = next(iter(tensors.values())).dtype
+    tensors = {spec.name: params[spec.name].detach() for spec in parameter_specs(model.config)}
+    stored_dtype = out_dtype or next(iter(tensors.values())).dtype
+    itemsize = torch.empty((), dtype=stored_dtype).element_size()
+
+    def stored_bytes(t: torch.Tensor) -> int:
+        return t.numel() * (itemsize if out_dtype is not None else t.element_size())
+
     config_dict = model.config.to_dict() | {"torch_dtype": str(stored_dtype).replace("torch.", "")}
-    groups = group_into_shards([(n, t.numel() * t.element_size()) for n, t in tensors.items()],
-                               parse_size(max_shard_size))
+    groups = group_into_shards([(n, stored_bytes(t)) for n, t in tensors.items()], parse_size(max_shard_size))
     names = shard_names(len(groups))
+    for stale in checkpoint_file_paths(directory):
+        stale.unlink()
     weight_map = {}
     for file_name, group in zip(names, groups):
         metadata = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(config_dict, sort_keys=True)}
-        entries = [(n, dtype_code(tensors[n].dtype), tuple(tensors[n].shape)) for n in group]
-        header, offsets = layout_header(entries, metadata)
+        code = {n: dtype_code(out_dtype or tensors[n].dtype) for n in group}
+        header, offsets = layout_header([(n, code[n], tuple(tensors[n].shape)) for n in group], metadata)
         with open(directory / file_name, "wb") as f:
             f.write(header)
             for name, _ in sorted(offsets.items(), key=lambda item: item[1][0]):
-                data = tensors[name].cpu().contiguous().reshape(-1)
+                data = tensors[name].to(out_dtype) if out_dtype is not None else tensors[name]
+                data = data.cpu().contiguous().reshape(-1)
                 if data.numel():  # numpy's buffer goes straight to the file: no bytes copy
                     f.write(memoryview(data.view(torch.uint8).numpy()))
         weight_map.update({n: file_name for n in group})
     (directory / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
     if len(groups) > 1:
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        write_index(directory, weight_map, total)
+        write_index(directory, weight_map, sum(stored_bytes(t) for t in tensors.values()))
 
 
 def checkpoint_files(path: Path) -> tuple[list[Path], MMRecConfig]:
@@ -154,14 +167,12 @@ def checkpoint_files(path: Path) -> tuple[list[Path], MMRecConfig]:
         config_path = path / "config.json"
     else:
         raise CheckpointError(f"{path}: no such file or directory")
+    metadata = read_header(files[0]).metadata if path.is_file() else {}
+    if CONFIG_METADATA_KEY in metadata:  # a single file carries its own config: it wins over neighbours
+        return files, MMRecConfig.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
     if config_path.exists():
-        config = MMRecConfig.load(config_path)
-    else:
-        metadata = read_header(files[0]).metadata
-        if CONFIG_METADATA_KEY not in metadata:
-            raise CheckpointError(f"{path}: no config.json beside it and none in its metadata")
-        config = MMRecConfig.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
-    return files, config
+        return files, MMRecConfig.load(config_path)
+    raise CheckpointError(f"{path}: no config.json beside it and none in its metadata")
 
 
 def _map_tensor(mapped: mmap.mmap, span: TensorSpan) -> torch.Tensor:

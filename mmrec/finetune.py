@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import CheckpointError, checkpoint_files, parse_size, torch_dtype
+from .checkpoint import CheckpointError, checkpoint_file_paths, checkpoint_files, parse_size, torch_dtype
 from .config import MMRecConfig
 from .model import BlockState, MMRecModel
 
@@ -415,15 +415,9 @@ def _autocast(device: torch.device):
 # ----------------------------------------------------------------------------------------------------------
 # Output files
 # ----------------------------------------------------------------------------------------------------------
-def _model_files(directory: Path) -> list[Path]:
-    return [p for p in directory.iterdir() if p.is_file() and (p.suffix == ".safetensors"
-                                                               or p.name in ("config.json",
-                                                                             "model.safetensors.index.json"))]
-
-
 def _clear_output(output: Path) -> None:
     """--overwrite: remove what a fine-tuning run writes, and nothing else."""
-    for path in _model_files(output):
+    for path in checkpoint_file_paths(output):
         path.unlink()
     for name in (*TOKENIZER_FILES, LOSS_LOG, LOSS_PLOT, SUMMARY):
         (output / name).unlink(missing_ok=True)
@@ -436,7 +430,7 @@ def _write_model(model: MMRecModel, directory: Path, options: FinetuneOptions, d
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, max_shard_size=options.max_shard_size, dtype=dtype)
     directory.mkdir(parents=True, exist_ok=True)
-    for path in _model_files(directory):
+    for path in checkpoint_file_paths(directory):
         path.unlink()
     for path in tmp.iterdir():
         os.replace(path, directory / path.name)

@@ -100,8 +100,12 @@ class MMRecBlock(nn.Module):
 
     def initial_state(self, batch: int, device, dtype) -> BlockState:
         D, P = self.config.model_dim, self.config.pooled_slots
-        zeros = torch.zeros(batch, D, device=device, dtype=dtype)
-        return BlockState(zeros, torch.zeros(batch, P, D, device=device, dtype=dtype), zeros.clone(), 0)
+        # acc sums up to S block outputs: at least float32, so a bf16 model gives the same memory whether
+        # the sequence comes in one call or token by token.
+        acc_dtype = torch.promote_types(dtype, torch.float32)
+        return BlockState(torch.zeros(batch, D, device=device, dtype=dtype),
+                          torch.zeros(batch, P, D, device=device, dtype=dtype),
+                          torch.zeros(batch, D, device=device, dtype=acc_dtype), 0)
 
     def feed_forward(self, u: torch.Tensor) -> torch.Tensor:
         up, act, drop, down = self.ffn
@@ -130,14 +134,14 @@ class MMRecBlock(nn.Module):
             y = x[:, start:stop] + self.dropout(hs[:, start:stop] + c + 0.1 * v[:, start:stop])
             out = y + self.feed_forward(self.norm2(y))
             outputs.append(out)
-            acc = acc + out.sum(dim=1)
+            acc = acc + out.sum(dim=1, dtype=acc.dtype)
             n += stop - start
             if n == S:  # memory write: every slot (so every pooled slot) becomes acc / S
-                mem = (acc / S).unsqueeze(1).expand_as(mem).contiguous()
+                mem = (acc / S).to(mem.dtype).unsqueeze(1).expand_as(mem).contiguous()
                 acc, n = torch.zeros_like(acc), 0
             start = stop
         out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
-        return out, BlockState(hs[:, -1], mem, acc, n)
+        return out, BlockState(hs[:, -1].clone(), mem, acc, n)  # clone: don't keep all of hs alive
 
 
 class MMRecModel(nn.Module):
@@ -206,6 +210,12 @@ class MMRecModel(nn.Module):
         """
         was_training = self.training
         self.eval()
+        try:
+            return self._generate(input_ids, max_new_tokens, temperature, top_k, generator, cuda_graph)
+        finally:
+            self.train(was_training)
+
+    def _generate(self, input_ids, max_new_tokens, temperature, top_k, generator, cuda_graph):
         if input_ids.dim() == 1:
             input_ids = input_ids.unsqueeze(0)
         logits, state = self(input_ids)
@@ -228,7 +238,6 @@ class MMRecModel(nn.Module):
                 next_token = torch.multinomial(probs, 1, generator=generator)
             tokens.append(next_token)
             logits, state = step(next_token, state)
-        self.train(was_training)
         return torch.cat(tokens, dim=1)
 
     # Checkpoint I/O lives in checkpoint.py; these are the familiar entry points.

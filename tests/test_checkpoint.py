@@ -142,3 +142,12 @@ def test_load_straight_to_gpu(tmp_path):
     loaded = MMRecModel.from_pretrained(tmp_path, device="cuda", dtype=torch.bfloat16)
     assert all(p.device.type == "cuda" and p.dtype == torch.bfloat16 for p in loaded.parameters())
     assert torch.equal(loaded.norm.weight.cpu(), model.norm.weight.to(torch.bfloat16))
+
+
+def test_single_file_prefers_its_own_config_over_a_foreign_neighbour(tmp_path):
+    model = make_model()
+    model.save_pretrained(tmp_path / "ckpt")
+    single = tmp_path / "mmrec.safetensors"
+    os.rename(tmp_path / "ckpt" / "model.safetensors", single)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    assert_same_parameters(model, MMRecModel.from_pretrained(single))

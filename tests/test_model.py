@@ -247,3 +247,30 @@ def test_gpu_generate_with_decode_graph_matches_eager():
     graphed = model.generate(prompt, max_new_tokens=20, temperature=0)
     eager = model.generate(prompt, max_new_tokens=20, temperature=0, cuda_graph=False)
     assert torch.equal(graphed, eager)
+
+
+def test_bf16_memory_is_the_same_whether_tokens_come_at_once_or_one_by_one():
+    """acc is summed in float32, so a bf16 model's memory write does not depend on the chunking."""
+    torch.manual_seed(8)
+    model = MMRecModel(small_config(memory_segment_len=40)).to(torch.bfloat16).eval()
+    ids = torch.randint(0, 61, (1, 45))
+    with torch.no_grad():
+        _, full = model(ids)
+        state = None
+        for t in range(ids.shape[1]):
+            _, state = model(ids[:, t:t + 1], state)
+    for a, b in zip(full, state):
+        assert a.acc.dtype == torch.float32 and a.n == b.n == 5
+        scale = a.mem.float().abs().max()
+        assert (a.mem.float() - b.mem.float()).abs().max() <= 0.02 * scale
+    assert full[0].h.untyped_storage().nbytes() == full[0].h.numel() * 2  # not a view of the whole sequence
+
+
+def test_save_into_an_existing_checkpoint_replaces_it(tmp_path):
+    first = MMRecModel(small_config())
+    first.save_pretrained(tmp_path, max_shard_size="20KB")
+    second = MMRecModel(small_config())
+    second.save_pretrained(tmp_path)  # one shard now: the old index and shards must go
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    loaded = MMRecModel.from_pretrained(tmp_path)
+    assert torch.equal(loaded.embedding.weight, second.embedding.weight)
