@@ -141,6 +141,19 @@ def child_per_shard(src: Path, out: Path) -> None:
 
 # --- the driver ---------------------------------------------------------------------------------------
 
+def engine_fingerprint() -> dict:
+    """Which engine was measured: HEAD plus a hash of uncommitted changes to the code a conversion runs
+    (others edit the working tree while benchmarks run)."""
+    import hashlib
+
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout
+
+    diff = git("diff", "HEAD", "--", "mmrec", "streaming", "cli")
+    return {"head": git("rev-parse", "--short", "HEAD").strip(),
+            "uncommitted_sha256": hashlib.sha256(diff.encode()).hexdigest()[:12] if diff else None}
+
+
 def weight_bytes(src: Path) -> int:
     return sum(p.stat().st_size for p in src.iterdir() if p.suffix in (".safetensors", ".pth"))
 
@@ -201,8 +214,11 @@ class Bench:
             self.save()
             return result
         log(f"{self.preset} {name}: {' '.join(map(str, argv))} (cap {cap / GIB:.1f} GiB)")
+        engine = engine_fingerprint()
         m = run_measured(argv, f"{self.preset}-{name}", cap_bytes=cap, log=log)
         result = m.to_dict()
+        result["engine"] = engine
+        result["started"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() - m.wall_s))
         written = tree_bytes(dst) if dst.exists() else 0
         read = read_bytes if read_bytes is not None else weight_bytes(src)
         result.update({"source_bytes": weight_bytes(src), "read_bytes": read, "written_bytes": written})
@@ -234,7 +250,8 @@ class Bench:
         return result
 
 
-def run_preset(preset: str, cases: list[str], work: Path, cap: int, small_cap: int, keep_source: bool) -> None:
+def run_preset(preset: str, cases: list[str], work: Path, cap: int, small_cap: int, keep_source: bool,
+               repeat: int = 1) -> None:
     bench = Bench(preset, work, cap, small_cap, RESULTS)
     src, gen_s = ensure_source(work, preset)
     if gen_s is not None:
@@ -246,26 +263,33 @@ def run_preset(preset: str, cases: list[str], work: Path, cap: int, small_cap: i
     src_bytes = bench.data["source_bytes"]
     dst = work / f"out-{preset}"
     me = str(Path(__file__).resolve())
-    for name in cases:
-        if name == "cp":
-            bench.case("cp", ["cp", "-r", str(src), str(dst)], src, dst, need=src_bytes)
-        elif name in ("load_all", "per_shard"):
-            bench.case(name, [PY, me, "--child", name, str(src), str(dst)], src, dst, need=out_bytes)
-        elif name == "ours":
-            bench.case("ours", [MMREC, "shard-convert", "--source", str(src), "--output", str(dst), "-q", "--json"],
-                       src, dst, verify=True, need=out_bytes)
-        elif name == "workers2":
-            bench.case("workers2", [MMREC, "shard-convert", "--source", str(src), "--output", str(dst), "-q",
-                                    "--json", "--workers", "2"], src, dst, verify=False, need=out_bytes)
-        elif name == "ours_cap":
-            bench.case("ours_cap", [MMREC, "shard-convert", "--source", str(src), "--output", str(dst), "-q",
-                                    "--json"], src, dst, cap=small_cap, verify=True, need=out_bytes)
-        elif name == "meta":
-            run_meta(bench, work, dst, out_bytes, src_bytes)
-        else:
-            raise SystemExit(f"unknown case {name}")
+    for r in range(repeat):
+        _run_cases(bench, cases, src, dst, me, out_bytes, src_bytes, work, "" if r == 0 else f"#{r + 1}")
     if not keep_source:
         shutil.rmtree(src, ignore_errors=True)
+
+
+def _run_cases(bench, cases, src, dst, me, out_bytes, src_bytes, work, tag) -> None:
+    """One pass over the cases; `tag` ("#2", ...) names the repeats (noise: compare within one pass)."""
+    for base in cases:
+        name = base + tag
+        if base == "cp":
+            bench.case(name, ["cp", "-r", str(src), str(dst)], src, dst, need=src_bytes)
+        elif base in ("load_all", "per_shard"):
+            bench.case(name, [PY, me, "--child", base, str(src), str(dst)], src, dst, need=out_bytes)
+        elif base == "ours":
+            bench.case(name, [MMREC, "shard-convert", "--source", str(src), "--output", str(dst), "-q", "--json"],
+                       src, dst, verify=not tag, need=out_bytes)
+        elif base == "workers2":
+            bench.case(name, [MMREC, "shard-convert", "--source", str(src), "--output", str(dst), "-q",
+                                    "--json", "--workers", "2"], src, dst, verify=False, need=out_bytes)
+        elif base == "ours_cap":
+            bench.case(name, [MMREC, "shard-convert", "--source", str(src), "--output", str(dst), "-q",
+                                    "--json"], src, dst, cap=bench.small_cap, verify=True, need=out_bytes)
+        elif base == "meta":
+            run_meta(bench, work, dst, out_bytes, src_bytes)
+        else:
+            raise SystemExit(f"unknown case {base}")
 
 
 def run_meta(bench: Bench, work: Path, dst: Path, out_bytes: int, src_bytes: int) -> None:
@@ -295,6 +319,11 @@ LABELS = {"cp": "cp -r + sync", "load_all": "load everything (load_file all, sav
           "per_shard": "per shard (load_file + save_file)", "ours": "mmrec shard-convert",
           "workers2": "mmrec shard-convert --workers 2", "ours_cap": "mmrec shard-convert, 2 GiB cgroup cap",
           "meta_cp": "Meta source: cp -r + sync", "meta_ours": "Meta source: mmrec shard-convert"}
+def label(name: str) -> str:
+    base, _, rep = name.partition("#")
+    return LABELS.get(base, base) + (f" (repeat {rep})" if rep else "")
+
+
 TABLES_START, TABLES_END = "<!-- tables:start -->", "<!-- tables:end -->"
 
 
@@ -317,7 +346,7 @@ def preset_table(preset: str, data: dict) -> str:
             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, c in cases.items():
         if "wall_s" not in c:
-            rows.append(f"| {LABELS.get(name, name)} | {c['status']} | | | | | | | | |")
+            rows.append(f"| {label(name)} | {c['status']} | | | | | | | | |")
             continue
         ok = c["status"] == "ok"
         peak_mib = c["peak_rss_anon"] / MIB
@@ -328,7 +357,7 @@ def preset_table(preset: str, data: dict) -> str:
         status = c["status"] + ("" if ok else f" after {c['wall_s']:.0f} s")
         if c.get("verify"):
             status += ", verify " + ("OK" if c["verify"]["returncode"] == 0 else "FAILED")
-        rows.append(f"| {LABELS.get(name, name)} | {status} | {c['wall_s']:.1f} | "
+        rows.append(f"| {label(name)} | {status} | {c['wall_s']:.1f} | "
                     f"{'≥ ' if not ok else ''}{peak_mib:.0f} | {c['read_bytes'] / 1e9:.2f} | "
                     f"{c['written_bytes'] / 1e9:.2f} | {_fmt(bw, 0)} | {_fmt(time_ratio, 2)} | "
                     f"{_fmt(mem_ratio, 1)} | {_fmt(bw_ratio, 2)} |")
@@ -351,7 +380,7 @@ def write_plots(all_data: dict, results: Path) -> list[str]:
             if c.get("timeline"):
                 t = [p[0] for p in c["timeline"]]
                 v = [p[1] for p in c["timeline"]]
-                ax.plot(t, v, label=f"{LABELS.get(name, name)} ({c['status']})", lw=1.2)
+                ax.plot(t, v, label=f"{label(name)} ({c['status']})", lw=1.2)
         ax.set_yscale("symlog", linthresh=100)
         ax.set_xlabel("seconds since start")
         ax.set_ylabel("summed RssAnon of the process tree, MiB")
@@ -413,6 +442,7 @@ def main() -> None:
     ap.add_argument("--cap-gb", type=float, default=20.0, help="cgroup cap (GiB) every case runs under")
     ap.add_argument("--small-cap-gb", type=float, default=2.0, help="cap (GiB) of the ours_cap case")
     ap.add_argument("--keep-source", action="store_true")
+    ap.add_argument("--repeat", type=int, default=1, help="run the case list N times (repeats named case#k)")
     ap.add_argument("--report", action="store_true", help="write tables and plots from the JSON results")
     ap.add_argument("--child", nargs=3, metavar=("MODE", "SRC", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -425,7 +455,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     for preset in args.presets:
         run_preset(preset, args.cases, args.work, int(args.cap_gb * GIB), int(args.small_cap_gb * GIB),
-                   args.keep_source)
+                   args.keep_source, args.repeat)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import rss_anon  # noqa: E402  (shared with bench_convert)
 
 
 def llama_shape(size_gb: float) -> dict:
@@ -114,17 +117,6 @@ def child(source: str, block_mb: float) -> None:
             del block
     seconds = time.perf_counter() - start
     print(json.dumps({"bytes": total, "seconds": seconds, "checksum": acc}), flush=True)
-
-
-def rss_anon(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except FileNotFoundError:
-        return None
-    return None
 
 
 def measure(source: Path, block_mb: float) -> dict:

@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from .errors import EXIT_USAGE, clean_errors, fail
+from .plan_options import check_plan_options
 
 
 def shard_convert(
@@ -52,30 +53,10 @@ def shard_convert(
     for option, value in (("--threads", threads), ("--workers", workers)):
         if value is not None and value < 1:
             raise fail(f"{option} must be at least 1, got {value}", EXIT_USAGE)
-    if dtype is not None:
-        from mmrec.streaming.plan.target import dtype_code
-
-        try:
-            dtype_code(dtype)
-        except ValueError as exc:
-            raise fail(str(exc), EXIT_USAGE) from None
-    if mapping not in ("default", "extended"):
-        raise fail(f"--mapping must be 'default' or 'extended', got {mapping!r} (a custom table goes in "
-                   "--mapping-file)", EXIT_USAGE)
-    for option, value in (("--vocab_size", vocab_size), ("--model_dim", model_dim), ("--num_layers", num_layers),
-                          ("--num_heads", num_heads), ("--ffn_dim", ffn_dim)):
-        if value is not None and value < 1:
-            raise fail(f"{option} must be a positive integer, got {value}", EXIT_USAGE)
-    if layer_map not in ("first", "uniform"):
-        from mmrec.streaming.plan.layers import parse_layer_list
-        from mmrec.streaming.plan.model import PlanError
-
-        try:  # the list's syntax only; its length is checked against the source when planning
-            parse_layer_list(layer_map)
-        except PlanError as exc:
-            raise fail(str(exc), EXIT_USAGE) from None
-    overrides = {k: v for k, v in dict(vocab_size=vocab_size, model_dim=model_dim, num_layers=num_layers,
-                                       num_heads=num_heads, ffn_dim=ffn_dim).items() if v is not None}
+    sizes = dict(vocab_size=vocab_size, model_dim=model_dim, num_layers=num_layers, num_heads=num_heads,
+                 ffn_dim=ffn_dim)
+    check_plan_options(mapping, layer_map, dtype, sizes)
+    overrides = {k: v for k, v in sizes.items() if v is not None}
     with clean_errors(debug):
         from mmrec.streaming.convert import ConvertOptions, convert, make_plan
         from mmrec.streaming.report import build_report, summary_text

@@ -1,6 +1,7 @@
 """One clear line per failure, and exit codes a script can act on.
 
-Exit codes: 0 done; 1 bad input (source, plan, mapping, config); 2 bad command-line option (typer);
+Exit codes: 0 done; 1 bad input (source, plan, mapping, config); 2 bad command-line option (typer, or a
+dask scheduler that cannot be reached);
 3 output refused (exists, locked, inside the source, resume with changed inputs); 4 write failure
 (disk full, I/O error); 130 interrupted. RELIABILITY.md lists every case and its message.
 """
@@ -31,6 +32,7 @@ def _one_line(text: str) -> str:
 @contextlib.contextmanager
 def clean_errors(debug: bool = False):
     """Turn exceptions into one line on stderr and an exit code (a traceback with --debug)."""
+    from mmrec.streaming.graph import SchedulerError
     from mmrec.streaming.output import OutputRefused
 
     try:
@@ -45,6 +47,10 @@ def clean_errors(debug: bool = False):
         if debug:
             raise
         raise fail(_one_line(str(exc)), EXIT_REFUSED) from None
+    except SchedulerError as exc:  # --scheduler / --scheduler-file names nothing we can reach
+        if debug:
+            raise
+        raise fail(_one_line(str(exc)), EXIT_USAGE) from None
     except OSError as exc:
         if debug:
             raise

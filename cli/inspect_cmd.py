@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import typer
 
 from mmrec.streaming.analysis import analyze
-from mmrec.streaming.sources import SourceError, open_source
+from mmrec.streaming.sources import open_source
+
+from .errors import clean_errors
 
 # Rows of the readable table: (label, SourceAnalysis field).
 _ROWS = [("model type", "model_type"), ("layout", "layout"), ("vocab size", "vocab_size"),
@@ -21,14 +22,12 @@ _ROWS = [("model type", "model_type"), ("layout", "layout"), ("vocab size", "voc
 
 
 def inspect(source: Path = typer.Argument(..., help="Checkpoint file or directory (any supported layout)."),
-            json_output: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table.")):
+            json_output: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+            debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")):
     """Analyse a source checkpoint from its headers and config files."""
-    try:
+    with clean_errors(debug):
         catalog = open_source(source)
         analysis = analyze(catalog)
-    except SourceError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise typer.Exit(1)
     data = analysis.to_dict()
     if json_output:
         data["source"] = str(catalog.root)

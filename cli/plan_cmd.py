@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
+
+from .errors import clean_errors
+from .plan_options import check_plan_options
 
 
 def _size(*names: str, help: str):
@@ -29,23 +31,22 @@ def plan(source: Path = typer.Argument(..., help="Checkpoint file or directory (
                                                 help="Plan only converted tensors (a partial checkpoint)."),
          dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype (default: the source's)."),
          seed: int = typer.Option(0, "--seed", help="Seed of new components."),
-         json_output: bool = typer.Option(False, "--json", help="Print the plan as JSON.")):
+         json_output: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+         debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")):
     """Plan a conversion to MM-Rec and print its summary (no tensor data is read)."""
-    from mmrec.streaming.analysis import analyze
-    from mmrec.streaming.plan import PlanError, build_plan
-    from mmrec.streaming.report import build_report, summary_text
-    from mmrec.streaming.sources import SourceError, open_source
-
     overrides = {"vocab_size": vocab_size, "model_dim": model_dim, "num_layers": num_layers,
                  "num_heads": num_heads, "ffn_dim": ffn_dim}
-    try:
+    check_plan_options(mapping, layer_map, dtype, overrides)
+    with clean_errors(debug):
+        from mmrec.streaming.analysis import analyze
+        from mmrec.streaming.plan import build_plan
+        from mmrec.streaming.report import build_report, summary_text
+        from mmrec.streaming.sources import open_source
+
         catalog = open_source(source)
         result = build_plan(catalog, analyze(catalog), overrides, mapping=mapping, mapping_file=mapping_file,
                             layer_map=layer_map, strict=strict, initialize_new=not no_initialize_new,
                             dtype=dtype, seed=seed)
-    except (SourceError, PlanError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise typer.Exit(1)
     if json_output:
         print(result.to_json())
     else:

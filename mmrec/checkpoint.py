@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -22,31 +21,11 @@ from .init import conversion_init
 from .safetensors_format import (CODE_TO_TORCH_NAME, DTYPE_SIZES, TORCH_NAME_TO_CODE, TensorSpan,
                                  layout_header, read_header)
 from .schema import parameter_specs
-
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
-CONFIG_METADATA_KEY = "mmrec_config"  # config.json copy inside the safetensors metadata (single files)
-
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
+from .shards import (CONFIG_METADATA_KEY, INDEX_NAME, SINGLE_NAME, checkpoint_file_paths,  # noqa: F401
+                     group_into_shards, parse_size, shard_names, write_index)
 
 class CheckpointError(ValueError):
     """A checkpoint that does not match the model; the message lists what is wrong."""
-
-
-def parse_size(text: str | int) -> int:
-    """'5GB' -> 5_000_000_000 (decimal units; KiB/MiB/GiB are binary). Must be positive."""
-    if isinstance(text, int):
-        value = text
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-        if not match or match.group(2).upper() not in _UNITS:
-            raise ValueError(f"invalid size {text!r}: use a number with an optional unit, e.g. 5GB or 500MB")
-        value = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
-    if value <= 0:
-        raise ValueError(f"invalid size {text!r}: must be greater than 0")
-    return value
 
 
 def torch_dtype(code_or_name: str | torch.dtype) -> torch.dtype:
@@ -62,42 +41,6 @@ def torch_dtype(code_or_name: str | torch.dtype) -> torch.dtype:
 
 def dtype_code(dtype: torch.dtype) -> str:
     return TORCH_NAME_TO_CODE[str(dtype).replace("torch.", "")]
-
-
-def shard_names(count: int) -> list[str]:
-    if count == 1:
-        return [SINGLE_NAME]
-    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
-
-
-def group_into_shards(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
-    """Greedy, in order: a shard closes when the next tensor would overflow it; a tensor larger than the
-    limit gets a shard of its own."""
-    shards: list[list[str]] = []
-    current: list[str] = []
-    current_bytes = 0
-    for name, nbytes in sizes:
-        if current and current_bytes + nbytes > max_shard_bytes:
-            shards.append(current)
-            current, current_bytes = [], 0
-        current.append(name)
-        current_bytes += nbytes
-    if current:
-        shards.append(current)
-    return shards
-
-
-def write_index(directory: Path, weight_map: dict[str, str], total_size: int) -> None:
-    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
-    (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-
-
-def checkpoint_file_paths(directory: Path) -> list[Path]:
-    """The files a checkpoint directory's loader would read: shards, index and config.json."""
-    if not directory.is_dir():
-        return []
-    return [p for p in directory.iterdir() if p.is_file() and (
-        p.suffix == ".safetensors" or p.name in ("config.json", INDEX_NAME))]
 
 
 def save_pretrained(model: nn.Module, path: str | os.PathLike, max_shard_size: str | int = "5GB",

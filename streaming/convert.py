@@ -12,7 +12,7 @@ from pathlib import Path
 from mmrec.checkpoint import INDEX_NAME, parse_size
 
 from .analysis import analyze
-from .graph import SchedulerChoice, build_graph, run_graph
+from .graph import Executor, SchedulerChoice, build_graph
 from .layout import OutputLayout, output_paths, plan_layout
 from .output import OutputState, check_not_inside_source
 from .plan import build_plan
@@ -57,16 +57,23 @@ def make_plan(options: ConvertOptions):
     return catalog, analysis, plan
 
 
-def chunk_bytes_for(options: ConvertOptions) -> int:
-    """Per-task block size: the memory budget shared by the concurrent tasks, with room for the
+def chunk_bytes_for(options: ConvertOptions, concurrency: int) -> int:
+    """Per-task block size: the memory budget shared by the tasks that run at once, with room for the
     intermediates each block needs (materialize_rows budgets those within the block)."""
     budget = parse_size(options.memory_budget)
-    return max(1 << 20, budget // (4 * max(1, options.scheduler.concurrency)))
+    return max(1 << 20, budget // (4 * max(1, concurrency)))
 
 
 def run_identity(plan: ConversionPlan, layout: OutputLayout, catalog) -> dict:
-    """What must not change between an interrupted run and its --resume."""
-    digest = hashlib.sha256(plan.to_json().encode()).hexdigest()
+    """What must not change between an interrupted run and its --resume.
+
+    Mount points and the directory the command runs from may change (another node of a batch job):
+    absolute paths are left out; the source's fingerprint already covers its files' names and contents.
+    """
+    portable = plan.to_dict()
+    portable["source_analysis"] = {k: v for k, v in portable["source_analysis"].items() if k != "files"}
+    portable["options"] = {k: v for k, v in portable["options"].items() if k != "mapping_file"}
+    digest = hashlib.sha256(json.dumps(portable, sort_keys=True).encode()).hexdigest()
     shards = hashlib.sha256(b"".join(s.header for s in layout.shards)).hexdigest()
     return {"source": catalog.fingerprint(), "plan": digest, "layout": shards}
 
@@ -81,35 +88,37 @@ def convert(options: ConvertOptions) -> dict:
     layout = plan_layout(plan, parse_size(options.max_shard_size), single)
     shard_names = [s.file_name for s in layout.shards]
     aux = [] if single else list(catalog.aux_files)
-    state = OutputState(directory, single)
-    keep = state.prepare(run_identity(plan, layout, catalog), options.resume, options.overwrite,
-                         shard_names, [p.name for p in aux])
-    try:
-        checksums = _write_shards(options, plan, layout, catalog, state, keep)
-        written = time.monotonic()
-        timings = {"plan_seconds": planned - started, "write_seconds": written - planned,
-                   "bytes_written": layout.total_tensor_bytes,
-                   "bytes_read": _bytes_read(plan, catalog),
-                   "resumed_shards": len(keep), "scheduler": options.scheduler.kind,
-                   "concurrency": options.scheduler.concurrency}
-        elapsed = max(written - started, 1e-9)
-        timings["total_seconds"] = elapsed
-        timings["throughput_bytes_per_second"] = (timings["bytes_written"] + timings["bytes_read"]) / elapsed
-        report = build_report(plan, checksums, timings)
-        report["output"] = {"shards": shard_names, "single_file": single is not None}
-        state.commit(shard_names, _small_files(plan, layout, state, report), aux)
-    finally:
-        state.unlock()
+    identity = run_identity(plan, layout, catalog)
+    with Executor(options.scheduler) as executor:  # reach the cluster before touching the output
+        state = OutputState(directory, single)
+        keep = state.prepare(identity, options.resume, options.overwrite, shard_names, [p.name for p in aux])
+        try:
+            token = hashlib.sha256(json.dumps([identity, str(directory.resolve()), single]).encode())
+            checksums = _write_shards(options, plan, layout, catalog, state, keep, executor, token.hexdigest()[:16])
+            written = time.monotonic()
+            timings = {"plan_seconds": planned - started, "write_seconds": written - planned,
+                       "bytes_written": layout.total_tensor_bytes, "bytes_read": _bytes_read(plan, catalog),
+                       "resumed_shards": len(keep), "scheduler": options.scheduler.kind,
+                       "concurrency": executor.concurrency}
+            elapsed = max(written - started, 1e-9)
+            timings["total_seconds"] = elapsed
+            timings["throughput_bytes_per_second"] = (timings["bytes_written"] + timings["bytes_read"]) / elapsed
+            report = build_report(plan, checksums, timings)
+            report["output"] = {"shards": shard_names, "single_file": single is not None}
+            state.commit(shard_names, _small_files(plan, layout, state, report), aux)
+        finally:
+            state.unlock()
     return report
 
 
-def _write_shards(options, plan, layout, catalog, state, keep) -> dict[str, str]:
+def _write_shards(options, plan, layout, catalog, state, keep, executor, run_token) -> dict[str, str]:
     todo = [name for name in (s.file_name for s in layout.shards) if name not in keep]
     journal = state.journal()
     checksums = {name: digest for shard in keep for name, digest in journal[shard].items()}
     copies = {tp.name: copy_range(tp, catalog) for tp in plan.tensors}
     graph, keys = build_graph(plan, layout, state.path, todo, str(Path(options.source).resolve()),
-                              chunk_bytes_for(options), copies)
+                              catalog.fingerprint(), chunk_bytes_for(options, executor.concurrency), copies,
+                              run_token)
     done_bytes = sum(layout.slots[n].end - layout.slots[n].start for n in checksums)
     progress = Progress(layout.total_tensor_bytes, len(layout.slots), done_bytes, len(checksums),
                         quiet=options.quiet)
@@ -126,7 +135,7 @@ def _write_shards(options, plan, layout, catalog, state, keep) -> dict[str, str]
             state.record_shard(shard, {n: checksums[n] for n, s in shard_of.items() if s == shard})
 
     try:
-        run_graph(graph, keys, options.scheduler, on_done)
+        executor.run(graph, keys, on_done)
     finally:
         progress.close()
     return checksums

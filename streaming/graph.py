@@ -26,15 +26,20 @@ class GraphKeys:
 
 
 def build_graph(plan: ConversionPlan, layout: OutputLayout, partial_dir: Path, shards: list[str],
-                source: str, chunk_bytes: int, copy_ranges: dict[str, tuple[str, int, int] | None],
+                source: str, fingerprint: str, chunk_bytes: int,
+                copy_ranges: dict[str, tuple[str, int, int] | None], run_token: str,
                 task_bytes: int = TASK_BYTES) -> tuple[dict, GraphKeys]:
-    """A low-level dask graph writing the given shards (those a resume has not proven complete)."""
+    """A low-level dask graph writing the given shards (those a resume has not proven complete).
+
+    Every key starts with run_token (unique to this run's identity and output), so two conversions on one
+    shared cluster never share a task.
+    """
     graph: dict = {}
     writes, checksums, seals = {}, {}, {}
     by_name = {tp.name: tp for tp in plan.tensors}
     for shard in (s for s in layout.shards if s.file_name in shards):
         partial = str(partial_dir / (shard.file_name + ".partial"))
-        prepare_key = f"prepare-{shard.file_name}"
+        prepare_key = f"{run_token}-prepare-{shard.file_name}"
         graph[prepare_key] = (tasks.prepare_shard, partial, shard.header, shard.size)
         tensor_sums = []
         for name in shard.tensors:
@@ -43,16 +48,17 @@ def build_graph(plan: ConversionPlan, layout: OutputLayout, partial_dir: Path, s
             write_keys = []
             for row_start in range(0, max(slot.rows, 1), rows_per_task):
                 row_stop = min(slot.rows, row_start + rows_per_task)
-                key = f"write-{name}-{row_start}"
+                key = f"{run_token}-write-{name}-{row_start}"
                 graph[key] = (tasks.write_rows, partial, tp.to_dict(), slot.start, slot.row_bytes, row_start,
-                              row_stop, source, plan.seed, chunk_bytes, copy_ranges.get(name), prepare_key)
+                              row_stop, source, fingerprint, plan.seed, chunk_bytes, copy_ranges.get(name),
+                              prepare_key)
                 writes[key] = (name, (row_stop - row_start) * slot.row_bytes)
                 write_keys.append(key)
-            sum_key = f"checksum-{name}"
+            sum_key = f"{run_token}-checksum-{name}"
             graph[sum_key] = (tasks.checksum_range, partial, slot.start, slot.end, write_keys)
             checksums[sum_key] = name
             tensor_sums.append(sum_key)
-        seal_key = f"seal-{shard.file_name}"
+        seal_key = f"{run_token}-seal-{shard.file_name}"
         graph[seal_key] = (tasks.seal_shard, partial, tensor_sums or [prepare_key])
         seals[seal_key] = shard.file_name
     return graph, GraphKeys(writes, checksums, seals)
@@ -71,9 +77,9 @@ class SchedulerChoice:
             return "distributed"
         return "local-cluster" if self.workers else "threads"
 
-    @property
-    def concurrency(self) -> int:
-        return self.workers or self.threads
+
+class SchedulerError(RuntimeError):
+    """The dask scheduler asked for cannot be reached or started."""
 
 
 def return_freed_memory_promptly() -> None:
@@ -82,6 +88,8 @@ def return_freed_memory_promptly() -> None:
     Blocks are tens of MB; by default glibc raises its mmap threshold after the first such free and then
     serves later blocks from arenas that never shrink, so anonymous memory would creep up with the
     number of threads. A fixed threshold keeps every large block an mmap that is unmapped on free.
+    Applied in this process and in the worker processes of a LocalCluster we start (never on the
+    workers of a cluster we only join).
     """
     import ctypes
     import ctypes.util
@@ -94,16 +102,61 @@ def return_freed_memory_promptly() -> None:
         pass  # not glibc: nothing to tune
 
 
-def run_graph(graph: dict, keys: GraphKeys, scheduler: SchedulerChoice,
-              on_done: Callable[[str, object], None]) -> dict[str, object]:
-    """Run every task; on_done(key, result) is called in the driver as each write/checksum/seal ends."""
-    wanted = [*keys.writes, *keys.checksums, *keys.seals]
-    if not wanted:
-        return {}
-    return_freed_memory_promptly()
-    if scheduler.kind == "threads":
-        return _run_threaded(graph, wanted, scheduler.threads, on_done)
-    return _run_distributed(graph, wanted, scheduler, on_done)
+class Executor:
+    """A scheduler opened for one conversion: connected before the output is touched, so an unreachable
+    cluster is an error that leaves nothing behind. Use as a context manager."""
+
+    def __init__(self, choice: SchedulerChoice):
+        self.choice = choice
+        self.client = None
+        self._cluster = None
+
+    def __enter__(self) -> "Executor":
+        return_freed_memory_promptly()
+        if self.choice.kind == "threads":
+            return self
+        from distributed import Client, LocalCluster
+
+        try:
+            if self.choice.workers:
+                # memory_limit=0: the nanny counts memory-mapped file pages as worker memory and would
+                # kill healthy workers (ENGINEERING.md); ":0" keeps the dashboard off a fixed port.
+                self._cluster = LocalCluster(n_workers=self.choice.workers, threads_per_worker=1,
+                                             processes=True, memory_limit=0, dashboard_address=":0")
+                self.client = Client(self._cluster)
+                self.client.run(return_freed_memory_promptly)
+            elif self.choice.scheduler_file:
+                self.client = Client(scheduler_file=self.choice.scheduler_file, timeout="30s")
+            else:
+                self.client = Client(self.choice.address, timeout="30s")
+        except (OSError, TimeoutError, ValueError) as exc:
+            self.__exit__(None, None, None)
+            where = self.choice.scheduler_file or self.choice.address or "a LocalCluster"
+            raise SchedulerError(f"cannot reach the dask scheduler ({where}): {exc}") from None
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.client is not None:
+            self.client.close()
+        if self._cluster is not None:
+            self._cluster.close()
+        self.client = self._cluster = None
+
+    @property
+    def concurrency(self) -> int:
+        """Tasks that may run at once: threads here, or every worker thread of the cluster."""
+        if self.client is None:
+            return self.choice.threads
+        return max(1, sum(self.client.nthreads().values()))
+
+    def run(self, graph: dict, keys: GraphKeys, on_done: Callable[[str, object], None]) -> dict[str, object]:
+        """Run every task; on_done(key, result) is called here as each write/checksum/seal ends."""
+        wanted = [*keys.writes, *keys.checksums, *keys.seals]
+        if not wanted:
+            return {}
+        if self.client is None:
+            return _run_threaded(graph, wanted, self.choice.threads, on_done)
+        return _run_on_client(self.client, graph, wanted, on_done)
 
 
 def _run_threaded(graph, wanted, threads, on_done):
@@ -122,31 +175,14 @@ def _run_threaded(graph, wanted, threads, on_done):
     return dict(zip(wanted, values))
 
 
-def _run_distributed(graph, wanted, scheduler: SchedulerChoice, on_done):
-    from distributed import Client, LocalCluster, as_completed
+def _run_on_client(client, graph, wanted, on_done):
+    from distributed import as_completed
 
-    cluster = None
-    if scheduler.workers:
-        # memory_limit=0: the nanny counts memory-mapped file pages as worker memory and would kill
-        # healthy workers (ENGINEERING.md); ":0" keeps the dashboard off a fixed port.
-        cluster = LocalCluster(n_workers=scheduler.workers, threads_per_worker=1, processes=True,
-                               memory_limit=0, dashboard_address=":0")
-        client = Client(cluster)
-    elif scheduler.scheduler_file:
-        client = Client(scheduler_file=scheduler.scheduler_file)
-    else:
-        client = Client(scheduler.address)
-    try:
-        client.run(return_freed_memory_promptly)
-        futures = client.get(graph, wanted, sync=False)
-        key_of = {future.key: key for future, key in zip(futures, wanted)}
-        results = {}
-        for future in as_completed(futures):
-            key = key_of[future.key]
-            results[key] = future.result()
-            on_done(key, results[key])
-        return results
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
+    futures = client.get(graph, wanted, sync=False)
+    key_of = {future.key: key for future, key in zip(futures, wanted)}
+    results = {}
+    for future in as_completed(futures):
+        key = key_of[future.key]
+        results[key] = future.result()
+        on_done(key, results[key])
+    return results

@@ -50,12 +50,15 @@ def convert_model_weights(source_checkpoint_path, target_model, output_path=None
 
 
 def _warn_if_model_differs(report: dict, config) -> None:
-    """The plan may choose a gated FFN or an untied head (following the source); say so when the
-    caller's model was built otherwise, since load_state_dict(strict=False) would skip those tensors."""
+    """The plan follows the source for everything but the five sizes (a gated FFN, an untied head, the
+    source's activation, inner_dim = D/4...). Say where the caller's model was built otherwise:
+    load_state_dict(strict=False) would skip or refuse those tensors."""
     target = report["target_config"]
-    for field in ("ffn_gated", "ffn_act", "tie_word_embeddings"):
-        if target.get(field) != getattr(config, field):
-            report["warnings"].append(
-                f"the converted checkpoint has {field}={target.get(field)!r} but target_model has "
-                f"{getattr(config, field)!r}; build the model with MMRecModel.from_pretrained(output) or "
-                f"MMRecConfig.from_dict(report['target_config']) to use every converted tensor")
+    ours = config.to_dict()
+    for field in sorted(set(target) | set(ours)):
+        if field in ("torch_dtype", "model_type") or target.get(field) == ours.get(field):
+            continue
+        report["warnings"].append(
+            f"the converted checkpoint has {field}={target.get(field)!r} but target_model has "
+            f"{ours.get(field)!r}; build the model with MMRecModel.from_pretrained(output) or "
+            f"MMRecConfig.from_dict(report['target_config']) to use every converted tensor")

@@ -10,7 +10,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from mmrec.checkpoint import CONFIG_METADATA_KEY, group_into_shards, shard_names
+from mmrec.shards import CONFIG_METADATA_KEY, group_into_shards, shard_names
 from mmrec.safetensors_format import DTYPE_SIZES, layout_header
 
 from .plan.model import ConversionPlan, TensorPlan

@@ -10,14 +10,15 @@ complete, and one without it never looks complete.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import os
 import shutil
 from pathlib import Path
 
-from mmrec.checkpoint import INDEX_NAME
+from mmrec.shards import checkpoint_file_paths
+
+from .tasks import naming_os_errors
 
 STATE_DIR = ".mmrec-convert"
 REPORT_NAME = "conversion_report.json"
@@ -39,17 +40,6 @@ def check_not_inside_source(source: Path, output: Path) -> None:
         raise OutputRefused(f"--output {output} is inside the source {source}; the source is never written to")
     if out in src.parents and src.is_dir():
         raise OutputRefused(f"--output {output} contains the source {source}; choose another output")
-
-
-@contextlib.contextmanager
-def _naming(path: Path):
-    """Name the file in an OSError raised without one (write/flush/fsync: ENOSPC, EFBIG, EIO)."""
-    try:
-        yield
-    except OSError as exc:
-        if exc.filename is None:
-            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
-        raise
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -86,12 +76,12 @@ class OutputState:
         self._lock_fd: int | None = None
 
     # -- what already exists ----------------------------------------------------------------------
-    def final_files(self, shard_names: list[str], aux_names: list[str]) -> list[Path]:
+    def stale_outputs(self, aux_names: list[str]) -> list[Path]:
+        """Every file a previous conversion into this output may have left, whatever its shard count."""
         if self.single_file:
-            names = [self.single_file, self.report_name]
-        else:
-            names = [*shard_names, INDEX_NAME, "config.json", REPORT_NAME, *aux_names]
-        return [self.directory / n for n in names]
+            return [self.directory / self.single_file, self.directory / self.report_name]
+        return [*checkpoint_file_paths(self.directory), self.directory / REPORT_NAME,
+                *(self.directory / n for n in aux_names)]
 
     @property
     def report_name(self) -> str:
@@ -127,23 +117,24 @@ class OutputState:
             if not overwrite:
                 raise OutputRefused(f"--output {self.directory / (self.single_file or '')} exists and is not "
                                     "empty; pass --overwrite to replace it or --resume to continue it")
-            self._lock_existing()
-            for path in self.final_files(shard_names, aux_names):
+            self._lock()  # held from here on: nobody else can start on this output meanwhile
+            for path in self.stale_outputs(aux_names):
                 if path.is_file():
                     path.unlink()
-            shutil.rmtree(self.path, ignore_errors=True)
-        self.path.mkdir(parents=True, exist_ok=True)
         self._lock()
+        self._clear_state()
         write_atomic(self.path / "run.json", json.dumps(identity, indent=2, sort_keys=True))
-        (self.path / "journal.jsonl").unlink(missing_ok=True)
         return set()
 
-    def _lock_existing(self) -> None:
-        if self.path.exists():
-            self._lock()
-            self.unlock()
+    def _clear_state(self) -> None:
+        """Empty the state directory but keep its lock file (which we hold)."""
+        for path in self.path.iterdir():
+            if path.name != "lock":
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
 
     def _lock(self) -> None:
+        if self._lock_fd is not None:
+            return
         self.path.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -172,7 +163,7 @@ class OutputState:
     def record_shard(self, shard: str, checksums: dict[str, str]) -> None:
         line = json.dumps({"shard": shard, "checksums": checksums}, sort_keys=True)
         path = self.path / "journal.jsonl"
-        with _naming(path), open(path, "a") as f:
+        with naming_os_errors(path), open(path, "a") as f:
             f.write(line + "\n")
             f.flush()
             os.fsync(f.fileno())
@@ -208,10 +199,12 @@ class OutputState:
             if partial.exists():
                 os.replace(partial, self.directory / shard)
         for path in copies:
-            with _naming(self.directory / path.name):
+            with naming_os_errors(self.directory / path.name):
                 shutil.copyfile(path, self.directory / path.name)
         for name, text in files.items():
             write_atomic(self.directory / name, text)
         fsync_dir(self.directory)
+        self._clear_state()  # still locked: the lock goes last
+        (self.path / "lock").unlink(missing_ok=True)
+        self.path.rmdir()
         self.unlock()
-        shutil.rmtree(self.path, ignore_errors=True)

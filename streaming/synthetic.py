@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmrec.checkpoint import group_into_shards, parse_size, shard_names, write_index
+from mmrec.shards import group_into_shards, parse_size, shard_names, write_index
 from mmrec.safetensors_format import DTYPE_SIZES, layout_header
 
 PRESETS = {

@@ -12,23 +12,31 @@ import threading
 from .plan.model import TensorPlan
 
 _catalog_lock = threading.Lock()
-_catalogs: dict[str, object] = {}
+_catalogs: dict[str, tuple[str, object]] = {}  # source path -> (fingerprint, opened catalog)
 COPY_CHUNK = 64 << 20  # bytes per copy_file_range call and per read-back piece
 
 
-def worker_catalog(source: str):
-    """One opened source per worker process (threads share it; reads are views of shared maps)."""
-    with _catalog_lock:
-        catalog = _catalogs.get(source)
-        if catalog is None:
-            from .sources import open_source
+def worker_catalog(source: str, fingerprint: str):
+    """One opened source per worker process (threads share it; reads are views of shared maps).
 
-            catalog = _catalogs[source] = open_source(source)
+    Keyed by the run's source fingerprint: a long-lived worker (a joined cluster, a notebook) that sees
+    the same path hold other files reopens it instead of serving stale maps.
+    """
+    with _catalog_lock:
+        cached = _catalogs.get(source)
+        if cached is not None and cached[0] == fingerprint:
+            return cached[1]
+        from .sources import SourceError, open_source
+
+        catalog = open_source(source)
+        if catalog.fingerprint() != fingerprint:
+            raise SourceError(f"{source}: the source changed while it was being converted")
+        _catalogs[source] = (fingerprint, catalog)
         return catalog
 
 
 @contextlib.contextmanager
-def _naming(path: str):
+def naming_os_errors(path: str):
     """Give an OSError raised without a file name (pwrite, ftruncate, fsync: ENOSPC, EFBIG, EIO) the
     path it was writing, so the user's one-line error says which file failed."""
     try:
@@ -47,7 +55,7 @@ def prepare_shard(partial_path: str, header: bytes, size: int) -> str:
     every byte of the file (header, then tensors without gaps), so stale bytes of an older partial file are
     all overwritten, and ftruncate to the exact size drops anything longer.
     """
-    with _naming(partial_path):
+    with naming_os_errors(partial_path):
         fd = os.open(partial_path, os.O_WRONLY | os.O_CREAT, 0o644)
         try:
             _pwrite_all(fd, header, 0)
@@ -58,20 +66,20 @@ def prepare_shard(partial_path: str, header: bytes, size: int) -> str:
 
 
 def write_rows(partial_path: str, tensor: dict, offset: int, row_bytes: int, row_start: int,
-               row_stop: int, source: str, seed: int, chunk_bytes: int,
+               row_stop: int, source: str, fingerprint: str, seed: int, chunk_bytes: int,
                copy_from: tuple[str, int, int] | None, _ready: object = None) -> int:
     """Write rows [row_start, row_stop) of one output tensor at its offset; returns bytes written.
 
     copy_from = (file, start, end) of a byte-exact source range: copied with os.copy_file_range, never
     through Python buffers. Otherwise rows are materialized block by block within chunk_bytes.
     """
-    with _naming(partial_path):
-        return _write_rows(partial_path, tensor, offset, row_bytes, row_start, row_stop, source, seed,
-                           chunk_bytes, copy_from)
+    with naming_os_errors(partial_path):
+        return _write_rows(partial_path, tensor, offset, row_bytes, row_start, row_stop, source, fingerprint,
+                           seed, chunk_bytes, copy_from)
 
 
-def _write_rows(partial_path, tensor, offset, row_bytes, row_start, row_stop, source, seed, chunk_bytes,
-                copy_from) -> int:
+def _write_rows(partial_path, tensor, offset, row_bytes, row_start, row_stop, source, fingerprint, seed,
+                chunk_bytes, copy_from) -> int:
     first = offset + row_start * row_bytes
     nbytes = (row_stop - row_start) * row_bytes
     fd = os.open(partial_path, os.O_WRONLY)
@@ -84,7 +92,7 @@ def _write_rows(partial_path, tensor, offset, row_bytes, row_start, row_stop, so
         from .transforms import materialize_rows, rows_per_block
 
         plan = TensorPlan.from_dict(tensor)
-        catalog = worker_catalog(source) if plan.sources else None
+        catalog = worker_catalog(source, fingerprint) if plan.sources else None
         step = rows_per_block(plan, chunk_bytes)
         for start in range(row_start, row_stop, step):
             stop = min(row_stop, start + step)
@@ -115,7 +123,7 @@ def checksum_range(partial_path: str, start: int, end: int, _ready: object = Non
 
 def seal_shard(partial_path: str, _ready: object = None) -> str:
     """Flush the shard to disk; only then may the journal call it complete."""
-    with _naming(partial_path):
+    with naming_os_errors(partial_path):
         fd = os.open(partial_path, os.O_RDONLY)
         try:
             os.fsync(fd)

@@ -13,7 +13,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from mmrec.checkpoint import CONFIG_METADATA_KEY, INDEX_NAME
+from mmrec.shards import CONFIG_METADATA_KEY, INDEX_NAME
 from mmrec.config import MMRecConfig
 from mmrec.safetensors_format import SafetensorsFormatError, read_header
 from mmrec.schema import parameter_specs
@@ -40,15 +40,26 @@ class VerifyResult:
         return dataclasses.asdict(self) | {"ok": self.ok}
 
 
-def _locate(output: Path) -> tuple[list[Path], Path | None, Path]:
-    """(shard files, index or None, report path) of an output directory or single file."""
+def _locate(output: Path, problems: list[str]) -> tuple[list[Path], Path | None, Path]:
+    """(shard files, index or None, report path) of an output directory or single file. An index that
+    cannot be read, or names a file outside the directory, is a problem, never followed."""
     if output.is_file():
         return [output], None, output.with_name(output.name.removesuffix(".safetensors") + "." + REPORT_NAME)
     index = output / INDEX_NAME
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [output / name for name in dict.fromkeys(weight_map.values())], index, output / REPORT_NAME
-    return sorted(output.glob("*.safetensors")), None, output / REPORT_NAME
+    if not index.exists():
+        return sorted(output.glob("*.safetensors")), None, output / REPORT_NAME
+    try:
+        names = list(dict.fromkeys(json.loads(index.read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        problems.append(f"{index}: not a valid index ({type(exc).__name__}: {exc})")
+        return [], None, output / REPORT_NAME
+    files = []
+    for name in names:
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            problems.append(f"{index}: names a file outside the checkpoint: {name!r}")
+        else:
+            files.append(output / name)
+    return files, index, output / REPORT_NAME
 
 
 def verify(output: str | Path, source: str | Path | None = None, block_bytes: int = 64 << 20) -> VerifyResult:
@@ -57,7 +68,7 @@ def verify(output: str | Path, source: str | Path | None = None, block_bytes: in
     if not output.exists():
         result.problems.append(f"{output}: does not exist")
         return result
-    files, index_path, report_path = _locate(output)
+    files, index_path, report_path = _locate(output, result.problems)
     if not files:
         result.problems.append(f"{output}: no .safetensors files")
         return result

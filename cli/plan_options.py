@@ -1,0 +1,28 @@
+"""Checks shared by every command that plans a conversion (`plan`, `shard-convert`): an option whose value
+is malformed is refused up front with exit 2, before any file is read."""
+
+from __future__ import annotations
+
+from .errors import EXIT_USAGE, fail
+
+
+def check_plan_options(mapping: str, layer_map: str, dtype: str | None, sizes: dict[str, int | None]) -> None:
+    if mapping not in ("default", "extended"):
+        raise fail(f"--mapping must be 'default' or 'extended', got {mapping!r} (a custom table goes in "
+                   "--mapping-file)", EXIT_USAGE)
+    for name, value in sizes.items():
+        if value is not None and value < 1:
+            raise fail(f"--{name} must be a positive integer, got {value}", EXIT_USAGE)
+    from mmrec.streaming.plan.model import PlanError
+
+    try:
+        if dtype is not None:
+            from mmrec.streaming.plan.target import dtype_code
+
+            dtype_code(dtype)
+        if layer_map not in ("first", "uniform"):
+            from mmrec.streaming.plan.layers import parse_layer_list
+
+            parse_layer_list(layer_map)  # its syntax; its length is checked against the source later
+    except PlanError as exc:
+        raise fail(str(exc), EXIT_USAGE) from None
