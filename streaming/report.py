@@ -39,6 +39,7 @@ def build_report(plan: ConversionPlan, checksums: dict[str, str] | None = None,
                               "sources": list(tp.sources), "transforms": list(tp.transforms),
                               "init": tp.init, "score": tp.score, "checksum": checksums.get(tp.name)}
                     for tp in plan.tensors},
+        "checksum_algorithm": "xxh3_128",  # of each tensor's bytes as stored (streaming/tasks.py)
         "timings": dict(timings or {}),
         "warnings": list(plan.warnings),
     }

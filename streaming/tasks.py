@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import os
 import threading
 
@@ -104,9 +103,15 @@ def _write_rows(partial_path, tensor, offset, row_bytes, row_start, row_stop, so
     return nbytes
 
 
+CHECKSUM_ALGORITHM = "xxh3_128"  # ~14x sha256's speed here: checksums no longer cost a fifth of a run
+
+
 def checksum_range(partial_path: str, start: int, end: int, _ready: object = None) -> str:
-    """sha256 of bytes [start, end) as they are in the file (read back, so it proves what landed)."""
-    digest = hashlib.sha256()
+    """Checksum (xxh3-128, hex) of bytes [start, end) as they are in the file: read back, so it proves
+    what landed, and independent of how the tensor was split into tasks and blocks."""
+    import xxhash
+
+    digest = xxhash.xxh3_128()
     fd = os.open(partial_path, os.O_RDONLY)
     try:
         position = start

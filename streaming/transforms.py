@@ -229,7 +229,7 @@ def materialize_rows(tp, catalog, start: int, stop: int, seed: int):
     if tp.kind == "init":
         from mmrec.init import conversion_init
 
-        block = conversion_init(tp.name, tuple(tp.shape), seed, start, stop, rule=tp.init)
+        block = conversion_init(tp.name, tuple(tp.shape), seed, start, stop, rule=tp.init, dtype=out_dtype)
     else:
         block = _pipeline(tp, catalog).rows(start, stop)
     return block.to(out_dtype).contiguous()

@@ -2,14 +2,13 @@
 
 Checks, in order: index <-> shard headers (every indexed tensor in the named file, nothing extra); file
 sizes (headers are validated and no trailing bytes); config.json <-> tensor names and shapes (the runtime's
-schema); every tensor's sha256 against conversion_report.json; and with a source, every transferred
+schema); every tensor's checksum against conversion_report.json; and with a source, every transferred
 tensor recomputed from the source through its recorded recipe and compared byte for byte.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from mmrec.schema import parameter_specs
 
 from .output import REPORT_NAME
 from .plan.model import TensorPlan
-from .tasks import COPY_CHUNK
+from .tasks import checksum_range
 
 
 @dataclasses.dataclass
@@ -141,27 +140,13 @@ def _check_schema(config: MMRecConfig, spans: dict, result: VerifyResult) -> Non
         result.problems.append(f"tensor '{name}' is not an MM-Rec parameter")
 
 
-def _sha256(file: Path, start: int, end: int) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as f:
-        f.seek(start)
-        remaining = end - start
-        while remaining:
-            piece = f.read(min(COPY_CHUNK, remaining))
-            if not piece:
-                break
-            digest.update(piece)
-            remaining -= len(piece)
-    return digest.hexdigest()
-
-
 def _check_checksums(report: dict, spans: dict, result: VerifyResult) -> None:
     for name, entry in report.get("tensors", {}).items():
         if name not in spans:
             result.problems.append(f"tensor '{name}' is in the report but not in the checkpoint")
             continue
         file, span = spans[name]
-        if entry.get("checksum") != _sha256(file, span.start, span.end):
+        if entry.get("checksum") != checksum_range(str(file), span.start, span.end):
             result.problems.append(f"tensor '{name}' in {file.name}: bytes do not match the report's checksum")
         result.checksums_checked += 1
 
