@@ -357,17 +357,8 @@ def recurrence_lean(z, decay_mix, z_gate, w_h, b_block, h):
     Both gate biases go into one [B, T, 2D] tensor, so one addmm + one sigmoid give s and g; then
     h_t = z (s + 0.1 g) + h (decay_mix - 0.1 g) = h decay_mix + z s + 0.1 g (z - h).
     """
-    D = h.shape[-1]
     bias = torch.cat([b_block.expand_as(z_gate), z_gate], dim=-1)  # [B, T, 2D]
-    w_t = w_h.t()
-    outputs = []
-    for t in range(z.shape[1]):
-        gates = torch.sigmoid(torch.addmm(bias[:, t], h, w_t))
-        z_t = z[:, t]
-        h = torch.addcmul(torch.addcmul(h * decay_mix[:, t], z_t, gates[:, :D]), gates[:, D:], z_t - h,
-                          value=0.1)
-        outputs.append(h)
-    return torch.stack(outputs, dim=1)
+    return shipped._recurrence_steps(z, decay_mix, bias, w_h.t(), h)
 
 
 def recurrence_split(z, decay_mix, z_gate, w_g, w_c, b_block, h):

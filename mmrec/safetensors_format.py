@@ -12,6 +12,7 @@ Format: 8-byte little-endian header length N, N bytes of JSON, then the data sec
 from __future__ import annotations
 
 import dataclasses
+import math
 import json
 import os
 import struct
@@ -55,10 +56,7 @@ class TensorSpan:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
 
 @dataclasses.dataclass(frozen=True)

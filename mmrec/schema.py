@@ -7,6 +7,7 @@ conversion engine (which plans one output tensor per entry). Nothing here alloca
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from .config import MMRecConfig
 
@@ -20,10 +21,7 @@ class ParamSpec:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
 
 def init_rule(name: str, ndim: int) -> str:
