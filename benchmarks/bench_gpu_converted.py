@@ -58,6 +58,18 @@ def main() -> int:
         result["cache_drop"] = drop_page_cache(files)
         raw_s, _ = raw_read(files)
         drop_page_cache(files)
+        if os.environ.get("MMREC_PROFILE_LOAD"):  # where a load's time goes (cProfile, top 20)
+            import cProfile
+            import pstats
+
+            profiler = cProfile.Profile()
+            profiler.enable()
+            model, load_s, peak, baseline, samples = timed_load(output, device, torch.bfloat16)
+            profiler.disable()
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
+            drop_page_cache(files)
+            del model
+            torch.cuda.empty_cache()
         model, load_s, peak, baseline, samples = timed_load(output, device, torch.bfloat16)
         result["load"] = {"bytes": total, "files": len(files), "raw_read_s": raw_s,
                           "raw_read_GBps": total / raw_s / 1e9, "load_s": load_s,

@@ -149,6 +149,10 @@ class LazyStateDict(Mapping):
                 self._spans[name] = (file, span)
         self._maps: dict[Path, mmap.mmap] = {}
 
+    def locate(self, name: str) -> tuple[Path, TensorSpan]:
+        """The file holding `name` and its byte range there."""
+        return self._spans[name]
+
     def spans(self) -> dict[str, TensorSpan]:
         return {name: span for name, (_, span) in self._spans.items()}
 
@@ -182,6 +186,23 @@ def load_pretrained(cls, path: str | os.PathLike, device=None, dtype=None, stric
     expected = {spec.name: spec for spec in parameter_specs(config)}
     tied = config.tie_word_embeddings
     loaded, unexpected, mismatched = set(), [], []
+    streamer = None
+    if device.type == "cuda":  # read and copy overlapped through pinned buffers (device_load.py)
+        from .device_load import PinnedStreamer
+
+        streamer = PinnedStreamer(device)
+        whole_files: dict[Path, dict[str, torch.Tensor]] = {}
+
+        def streamer_tensor(name: str) -> torch.Tensor:
+            """Files whose tensors keep their dtype arrive whole, in one pass; others tensor by tensor
+            (a whole file in another dtype would briefly hold its tensors twice on the device)."""
+            file, span = stored.locate(name)
+            if want_dtype is not None and torch_dtype(span.dtype) != want_dtype:
+                return streamer.load(file, span)
+            if file not in whole_files:
+                whole_files[file] = streamer.load_file(file, read_header(file))
+            return whole_files[file][name]
+    converted = []  # tensors to cast once their bytes have arrived
     for name, span in stored.spans().items():
         if tied and name == "lm_head.weight":
             continue  # a reference-style state dict stores the tied head too; it is the embedding
@@ -192,13 +213,22 @@ def load_pretrained(cls, path: str | os.PathLike, device=None, dtype=None, stric
         if span.shape != spec.shape:
             mismatched.append(f"{name}: checkpoint {list(span.shape)} vs model {list(spec.shape)}")
             continue
-        tensor = stored[name]
-        if want_dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(device=device, dtype=want_dtype)
-        elif device.type != "cpu":
-            tensor = tensor.to(device=device)
+        if streamer is not None:
+            tensor = streamer_tensor(name)
+            if want_dtype is not None and tensor.is_floating_point() and tensor.dtype != want_dtype:
+                converted.append(name)
+        else:
+            tensor = stored[name]
+            if want_dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(device=device, dtype=want_dtype)
+            elif device.type != "cpu":
+                tensor = tensor.to(device=device)
         _set_parameter(model, name, tensor)
         loaded.add(name)
+    if streamer is not None:
+        streamer.finish()
+        for name in converted:
+            _set_parameter(model, name, model.get_parameter(name).detach().to(want_dtype))
     missing = [name for name in expected if name not in loaded]
     problems = []
     if mismatched:

@@ -151,3 +151,22 @@ def test_single_file_prefers_its_own_config_over_a_foreign_neighbour(tmp_path):
     os.rename(tmp_path / "ckpt" / "model.safetensors", single)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
     assert_same_parameters(model, MMRecModel.from_pretrained(single))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_streamed_gpu_load_equals_the_cpu_load(tmp_path):
+    """Tensors bigger than the pinned buffers, several files, a dtype change, and the stored dtype."""
+    from mmrec import device_load
+
+    model = make_model(model_dim=64, vocab_size=3000)
+    model.save_pretrained(tmp_path, max_shard_size="300KB")
+    original = device_load.CHUNK_BYTES
+    device_load.CHUNK_BYTES = 4096  # many chunks per tensor: both buffers cycle
+    try:
+        for dtype in (None, torch.bfloat16):
+            on_gpu = MMRecModel.from_pretrained(tmp_path, device="cuda", dtype=dtype)
+            on_cpu = MMRecModel.from_pretrained(tmp_path, dtype=dtype)
+            for name, param in on_cpu.state_dict().items():
+                assert torch.equal(on_gpu.state_dict()[name].cpu(), param), name
+    finally:
+        device_load.CHUNK_BYTES = original
