@@ -94,7 +94,8 @@ def convert(options: ConvertOptions) -> dict:
         keep = state.prepare(identity, options.resume, options.overwrite, shard_names, [p.name for p in aux])
         try:
             token = hashlib.sha256(json.dumps([identity, str(directory.resolve()), single]).encode())
-            checksums = _write_shards(options, plan, layout, catalog, state, keep, executor, token.hexdigest()[:16])
+            checksums = _write_shards(options, plan, layout, catalog, state, keep, executor,
+                                      token.hexdigest()[:16], identity["source"])
             written = time.monotonic()
             timings = {"plan_seconds": planned - started, "write_seconds": written - planned,
                        "bytes_written": layout.total_tensor_bytes, "bytes_read": _bytes_read(plan, catalog),
@@ -111,14 +112,14 @@ def convert(options: ConvertOptions) -> dict:
     return report
 
 
-def _write_shards(options, plan, layout, catalog, state, keep, executor, run_token) -> dict[str, str]:
+def _write_shards(options, plan, layout, catalog, state, keep, executor, run_token,
+                  fingerprint) -> dict[str, str]:
     todo = [name for name in (s.file_name for s in layout.shards) if name not in keep]
     journal = state.journal()
     checksums = {name: digest for shard in keep for name, digest in journal[shard].items()}
     copies = {tp.name: copy_range(tp, catalog) for tp in plan.tensors}
     graph, keys = build_graph(plan, layout, state.path, todo, str(Path(options.source).resolve()),
-                              catalog.fingerprint(), chunk_bytes_for(options, executor.concurrency), copies,
-                              run_token)
+                              fingerprint, chunk_bytes_for(options, executor.concurrency), copies, run_token)
     done_bytes = sum(layout.slots[n].end - layout.slots[n].start for n in checksums)
     progress = Progress(layout.total_tensor_bytes, len(layout.slots), done_bytes, len(checksums),
                         quiet=options.quiet)
