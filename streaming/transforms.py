@@ -16,7 +16,8 @@ from mmrec.safetensors_format import CODE_TO_TORCH_NAME, DTYPE_SIZES
 
 READ_BLOCK_BYTES = 32 << 20   # source bytes read at once inside a transpose / mean
 MEAN_BLOCK_BYTES = 16 << 20   # fixed (shape-derived) blocks for the padding mean: deterministic order
-GATHER_SPAN_FACTOR = 4        # a gather reads its covering span when <= factor * rows (+64), else runs
+GATHER_SPAN_FACTOR = 4        # a gather reads its covering span when <= factor * rows + slack, else runs
+GATHER_SPAN_SLACK = 64
 
 OPS = {  # op -> required fields
     "transpose": (), "slice_rows": ("start", "stop"), "add": ("value",), "cast": ("dtype",),
@@ -126,7 +127,8 @@ def _gather(src: _Rows, shape: tuple[int, ...], index: Callable[[int], int]) -> 
         if not idx:
             return src.rows(0, 0)
         lo, hi = min(idx), max(idx) + 1
-        if hi - lo <= GATHER_SPAN_FACTOR * len(idx) + 64 * bool(GATHER_SPAN_FACTOR):
+        slack = GATHER_SPAN_SLACK if GATHER_SPAN_FACTOR else 0  # factor 0: never read a span
+        if hi - lo <= GATHER_SPAN_FACTOR * len(idx) + slack:
             span = src.rows(lo, hi)
             return span[torch.tensor([i - lo for i in idx], dtype=torch.long)]
         parts, run_start = [], 0
