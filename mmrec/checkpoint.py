@@ -1,8 +1,8 @@
 """Sharded safetensors checkpoints (MMREC_SPEC.md "What a checkpoint is"): save, and load lazily.
 
 Loading builds the model on the meta device and fills it tensor by tensor: on CPU each parameter is a view
-of a private (copy-on-write) memory map, so nothing is copied; on a GPU each tensor goes from the map to
-the device on its own, so the host never holds the model.
+of a private (copy-on-write) memory map, so nothing is copied; on a GPU the files stream through two small
+pinned buffers (device_load.py), so the host never holds the model.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from .safetensors_format import (CODE_TO_TORCH_NAME, DTYPE_SIZES, TORCH_NAME_TO_
 from .schema import parameter_specs
 from .shards import (CONFIG_METADATA_KEY, INDEX_NAME, SINGLE_NAME, checkpoint_file_paths,  # noqa: F401
                      group_into_shards, parse_size, shard_names, write_index)
+
 
 class CheckpointError(ValueError):
     """A checkpoint that does not match the model; the message lists what is wrong."""
@@ -57,7 +58,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, max_shard_size: s
     out_dtype = torch_dtype(dtype) if dtype is not None else None
     tensors = {spec.name: params[spec.name].detach() for spec in parameter_specs(model.config)}
     stored_dtype = out_dtype or next(iter(tensors.values())).dtype
-    itemsize = torch.empty((), dtype=stored_dtype).element_size()
+    itemsize = stored_dtype.itemsize
 
     def stored_bytes(t: torch.Tensor) -> int:
         return t.numel() * (itemsize if out_dtype is not None else t.element_size())
@@ -143,9 +144,10 @@ class LazyStateDict(Mapping):
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         files, self.config = checkpoint_files(self.path)
+        self.headers = {file: read_header(file) for file in files}
         self._spans: dict[str, tuple[Path, TensorSpan]] = {}
-        for file in files:
-            for name, span in read_header(file).tensors.items():
+        for file, header in self.headers.items():
+            for name, span in header.tensors.items():
                 self._spans[name] = (file, span)
         self._maps: dict[Path, mmap.mmap] = {}
 
@@ -200,7 +202,7 @@ def load_pretrained(cls, path: str | os.PathLike, device=None, dtype=None, stric
             if want_dtype is not None and torch_dtype(span.dtype) != want_dtype:
                 return streamer.load(file, span)
             if file not in whole_files:
-                whole_files[file] = streamer.load_file(file, read_header(file))
+                whole_files[file] = streamer.load_file(file, stored.headers[file])
             return whole_files[file][name]
     converted = []  # tensors to cast once their bytes have arrived
     for name, span in stored.spans().items():

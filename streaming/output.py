@@ -44,15 +44,13 @@ def check_not_inside_source(source: Path, output: Path) -> None:
 
 def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
+    try:  # ENOSPC from write/flush carries no file name: naming_os_errors names it
+        with naming_os_errors(str(path)), open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-    except OSError as exc:  # ENOSPC from write/flush carries no file name: name it
+    except OSError:
         tmp.unlink(missing_ok=True)
-        if exc.filename is None:
-            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
     os.replace(tmp, path)
 

@@ -237,10 +237,6 @@ def materialize_rows(tp, catalog, start: int, stop: int, seed: int):
     return block.to(out_dtype).contiguous()
 
 
-def row_bytes(tp) -> int:
-    return (math.prod(tp.shape[1:]) if len(tp.shape) > 1 else 1) * DTYPE_SIZES[tp.dtype]
-
-
 def rows_per_block(tp, budget_bytes: int) -> int:
     """Output rows that fit a chunk budget (>= 1): the output row plus what producing it holds at once
     (source rows read, float32/float64 intermediates), assuming sources of at most 4 bytes an element."""
