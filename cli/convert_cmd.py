@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from .errors import EXIT_USAGE, clean_errors, fail
-from .plan_options import check_plan_options
+from .plan_options import DEFAULT_INIT_MODE, INIT_HELP, check_plan_options
 
 
 def shard_convert(
@@ -28,6 +28,7 @@ def shard_convert(
     layer_map: str = typer.Option("first", "--layer-map", help="first, uniform, or a list like 0,2,4."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype (bfloat16, float16, float32); default: the source's."),
     seed: int = typer.Option(0, "--seed", help="Seed of the new components' init."),
+    init: str = typer.Option(DEFAULT_INIT_MODE, "--init", help=INIT_HELP),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest output shard (decimal units: 5GB = 5e9 bytes)."),
     memory_budget: str = typer.Option("512MB", "--memory-budget", help="Memory for tensor blocks in flight."),
     threads: int = typer.Option(2, "--threads", help="Threads of the default in-process scheduler."),
@@ -55,7 +56,7 @@ def shard_convert(
             raise fail(f"{option} must be at least 1, got {value}", EXIT_USAGE)
     sizes = dict(vocab_size=vocab_size, model_dim=model_dim, num_layers=num_layers, num_heads=num_heads,
                  ffn_dim=ffn_dim)
-    check_plan_options(mapping, layer_map, dtype, sizes)
+    check_plan_options(mapping, layer_map, dtype, sizes, init)
     overrides = {k: v for k, v in sizes.items() if v is not None}
     with clean_errors(debug):
         from mmrec.streaming.convert import ConvertOptions, convert, make_plan
@@ -64,7 +65,7 @@ def shard_convert(
         options = ConvertOptions(
             source=source, output=output, overrides=overrides, mapping=mapping, mapping_file=mapping_file,
             layer_map=layer_map, strict=strict, initialize_new=not no_initialize_new, dtype=dtype, seed=seed,
-            max_shard_size=max_shard_size, memory_budget=memory_budget,
+            init=init, max_shard_size=max_shard_size, memory_budget=memory_budget,
             scheduler=SchedulerChoice(threads=threads, workers=workers, address=scheduler,
                                       scheduler_file=str(scheduler_file) if scheduler_file else None),
             resume=resume, overwrite=overwrite, quiet=quiet or json_output)

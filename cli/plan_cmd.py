@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from .errors import clean_errors
-from .plan_options import check_plan_options
+from .plan_options import DEFAULT_INIT_MODE, INIT_HELP, check_plan_options
 
 
 def _size(*names: str, help: str):
@@ -31,12 +31,13 @@ def plan(source: Path = typer.Argument(..., help="Checkpoint file or directory (
                                                 help="Plan only converted tensors (a partial checkpoint)."),
          dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype (default: the source's)."),
          seed: int = typer.Option(0, "--seed", help="Seed of new components."),
+         init: str = typer.Option(DEFAULT_INIT_MODE, "--init", help=INIT_HELP),
          json_output: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
          debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")):
     """Plan a conversion to MM-Rec and print its summary (no tensor data is read)."""
     overrides = {"vocab_size": vocab_size, "model_dim": model_dim, "num_layers": num_layers,
                  "num_heads": num_heads, "ffn_dim": ffn_dim}
-    check_plan_options(mapping, layer_map, dtype, overrides)
+    check_plan_options(mapping, layer_map, dtype, overrides, init)
     with clean_errors(debug):
         from mmrec.streaming.analysis import analyze
         from mmrec.streaming.plan import build_plan
@@ -46,7 +47,7 @@ def plan(source: Path = typer.Argument(..., help="Checkpoint file or directory (
         catalog = open_source(source)
         result = build_plan(catalog, analyze(catalog), overrides, mapping=mapping, mapping_file=mapping_file,
                             layer_map=layer_map, strict=strict, initialize_new=not no_initialize_new,
-                            dtype=dtype, seed=seed)
+                            dtype=dtype, seed=seed, init=init)
     if json_output:
         print(result.to_json())
     else:

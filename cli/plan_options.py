@@ -3,10 +3,18 @@ is malformed is refused up front with exit 2, before any file is read."""
 
 from __future__ import annotations
 
+from mmrec.streaming.plan.init_modes import DEFAULT_INIT_MODE, INIT_MODES
+
 from .errors import EXIT_USAGE, fail
 
+INIT_HELP = (f"How tensors the source cannot fill start: {', '.join(INIT_MODES)} "
+             f"(default {DEFAULT_INIT_MODE}; docs/init-modes.md).")
 
-def check_plan_options(mapping: str, layer_map: str, dtype: str | None, sizes: dict[str, int | None]) -> None:
+
+def check_plan_options(mapping: str, layer_map: str, dtype: str | None, sizes: dict[str, int | None],
+                       init: str = DEFAULT_INIT_MODE) -> None:
+    if init not in INIT_MODES:
+        raise fail(f"--init must be one of {', '.join(INIT_MODES)}, got {init!r}", EXIT_USAGE)
     if mapping not in ("default", "extended"):
         raise fail(f"--mapping must be 'default' or 'extended', got {mapping!r} (a custom table goes in "
                    "--mapping-file)", EXIT_USAGE)

@@ -37,6 +37,7 @@ class ConvertOptions:
     initialize_new: bool = True
     dtype: str | None = None
     seed: int = 0
+    init: str | None = None  # conversion init mode (plan/init_modes.py); None = the default
     max_shard_size: str = "5GB"
     memory_budget: str = DEFAULT_MEMORY_BUDGET
     scheduler: SchedulerChoice = dataclasses.field(default_factory=SchedulerChoice)
@@ -53,7 +54,7 @@ def make_plan(options: ConvertOptions):
     plan = build_plan(catalog, analysis, options.overrides, mapping=options.mapping,
                       mapping_file=options.mapping_file, layer_map=options.layer_map, strict=options.strict,
                       initialize_new=options.initialize_new, dtype=options.dtype, seed=options.seed,
-                      converter=options.converter)
+                      converter=options.converter, init=options.init)
     return catalog, analysis, plan
 
 

@@ -18,6 +18,8 @@ READ_BLOCK_BYTES = 32 << 20   # source bytes read at once inside a transpose / m
 MEAN_BLOCK_BYTES = 16 << 20   # fixed (shape-derived) blocks for the padding mean: deterministic order
 GATHER_SPAN_FACTOR = 4        # a gather reads its covering span when <= factor * rows + slack, else runs
 GATHER_SPAN_SLACK = 64
+PRODUCT_OP = "matmul"         # two sources: scale · left · right, each operand with its own op chain
+PRODUCT_BLOCK_ROWS = 64       # a product is computed in these fixed row blocks (bytes independent of splits)
 
 OPS = {  # op -> required fields
     "transpose": (), "slice_rows": ("start", "stop"), "add": ("value",), "cast": ("dtype",),
@@ -208,12 +210,44 @@ def _apply(op: dict, src: _Rows, catalog, key) -> _Rows:
     raise ValueError(f"unknown transform op {name!r}")
 
 
+def _chain(catalog, name: str, ops: list[dict]) -> _Rows:
+    src = _source_rows(catalog, name)
+    for i, op in enumerate(ops):
+        src = _apply(op, src, catalog, (name, tuple(map(repr, ops[:i]))))
+    return src
+
+
+def _product(catalog, tp) -> _Rows:
+    """scale · left · right (an init mode's recipe, e.g. W_v = 10 · o_proj · v_proj), computed in float64
+    over fixed PRODUCT_BLOCK_ROWS-row blocks, so the bytes do not depend on how the caller splits the rows.
+    Holds the whole right operand ([K, N]) and one block of left rows at a time."""
+    import torch
+
+    (op,) = tp.transforms
+    left, right = _chain(catalog, tp.sources[0], op["left"]), _chain(catalog, tp.sources[1], op["right"])
+    if len(left.shape) != 2 or len(right.shape) != 2 or left.shape[1] != right.shape[0]:
+        raise ValueError(f"{tp.name}: cannot multiply {list(left.shape)} by {list(right.shape)}")
+    scale = float(op["scale"])
+
+    def fn(a: int, b: int):
+        rhs = right.rows(0, right.shape[0]).to(torch.float64)
+        lo = a - a % PRODUCT_BLOCK_ROWS
+        blocks = [left.rows(i, min(left.shape[0], i + PRODUCT_BLOCK_ROWS)).to(torch.float64) @ rhs
+                  for i in range(lo, b, PRODUCT_BLOCK_ROWS)]
+        return (torch.cat(blocks)[a - lo:b - lo] * scale) if blocks else rhs[:0]
+
+    return _Rows((left.shape[0], right.shape[1]), fn)
+
+
 def _pipeline(tp, catalog) -> _Rows:
-    if len(tp.sources) != 1:
+    if tp.transforms and tp.transforms[0]["op"] == PRODUCT_OP:
+        if len(tp.sources) != 2 or len(tp.transforms) != 1:
+            raise ValueError(f"{tp.name}: a matmul reads two source tensors and is the only op")
+        src = _product(catalog, tp)
+    elif len(tp.sources) != 1:
         raise ValueError(f"{tp.name}: a transform reads exactly one source tensor, got {tp.sources}")
-    src = _source_rows(catalog, tp.sources[0])
-    for i, op in enumerate(tp.transforms):
-        src = _apply(op, src, catalog, (tp.sources[0], tuple(map(repr, tp.transforms[:i]))))
+    else:
+        src = _chain(catalog, tp.sources[0], tp.transforms)
     if tuple(src.shape) != tuple(tp.shape):
         raise ValueError(f"{tp.name}: transforms give {list(src.shape)}, plan says {list(tp.shape)}")
     return src
@@ -244,6 +278,8 @@ def rows_per_block(tp, budget_bytes: int) -> int:
     per_row = elems * DTYPE_SIZES[tp.dtype]
     if tp.kind == "init":
         per_row += elems * 12  # float64 uniforms and a float32 copy
+    elif tp.kind == "transform" and tp.transforms[0]["op"] == PRODUCT_OP:
+        return min(tp.shape[0], PRODUCT_BLOCK_ROWS)  # the right operand is held whole; the left is read a fixed block at a time
     elif tp.kind == "transform":
         ops = {op["op"] for op in tp.transforms}
         gathers = ops & {"repeat_kv_heads", "rotary_meta_to_hf", "take_heads"}

@@ -117,7 +117,7 @@ def expected(family, state, cfg, table):
 def test_every_transferred_tensor_matches_a_hand_conversion(family, mapping, family_models):
     model = family_models[family]
     catalog = open_source(model.path)
-    plan = build_plan(catalog, analyze(catalog), mapping=mapping)
+    plan = build_plan(catalog, analyze(catalog), mapping=mapping, init="guide")  # the mapping alone
     state = fixtures.load_safetensors_dir(model.path)
     want = expected(family, state, model.config, EXTENDED if mapping == "extended" else DEFAULT)
     got = {tp.name: tp for tp in plan.tensors if tp.kind != "init"}
@@ -132,6 +132,38 @@ def test_every_transferred_tensor_matches_a_hand_conversion(family, mapping, fam
     # every source tensor is used or listed as dropped, never silently lost
     used = {s for tp in plan.tensors for s in tp.sources}
     assert used | set(plan.dropped) == set(catalog.tensors) and not used & set(plan.dropped)
+
+
+@pytest.mark.parametrize("family", fixtures.FAMILIES)
+def test_self_attend_init_is_ten_times_o_proj_times_v_proj(family, family_models):
+    """--init self-attend (the default): W_v = 10 · o · v (k/v heads repeated), the other residual paths
+    of the new mixer start at zero, and every mapped tensor is as the guide's init leaves it."""
+    model = family_models[family]
+    catalog = open_source(model.path)
+    guide = build_plan(catalog, analyze(catalog), init="guide")
+    plan = build_plan(catalog, analyze(catalog))
+    assert plan.options["init"] == "self-attend"
+    state = fixtures.load_safetensors_dir(model.path)
+    cfg = model.config
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None) or cfg.num_heads
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    for i in range(2):
+        roles = source_roles(family, state, cfg, i)
+        v = _repeat_kv(roles["v"], kv, heads) if kv < heads else roles["v"]
+        want = 10.0 * roles["o"].double() @ v.double()
+        tp = plan.tensor(f"blocks.{i}.W_v.weight")
+        assert tp.kind == "transform" and len(tp.sources) == 2, family
+        out = materialize_rows(tp, catalog, 0, tp.shape[0], plan.seed)
+        torch.testing.assert_close(out, want.float(), rtol=1e-5, atol=1e-6)
+        for split in (1, 63, 65):  # any row split gives the same bytes (fixed 64-row product blocks)
+            parts = [materialize_rows(tp, catalog, a, min(tp.shape[0], a + split), 0)
+                     for a in range(0, tp.shape[0], split)]
+            assert torch.equal(torch.cat(parts), out), (family, split)
+        for suffix in ("W_z.weight", "W_z.bias", "W_v.bias"):
+            assert plan.tensor(f"blocks.{i}.{suffix}").init == "zeros"
+    for old, new in zip(guide.tensors, plan.tensors):
+        if old.kind != "init":
+            assert old == new, old.name  # the mapping decides what is copied; the init mode never overrides it
 
 
 def test_family_specifics(family_models):

@@ -14,6 +14,7 @@ from ..transforms import STRUCTURAL_FREE, infer_shape
 from ..families import FAMILIES, get_family
 from ..families.base import kv_dim
 from .layers import build_layer_map
+from .init_modes import DEFAULT_INIT_MODE, get_init_mode
 from .mapping import ModelWeightConverter, target_layer
 from .model import SCORE_COPY, SCORE_EXACT, SCORE_NEW, SCORE_PARTIAL, ConversionPlan, PlanError, TensorPlan
 from .target import build_target_config, output_dtype
@@ -61,30 +62,46 @@ class _Planner:
         entry = self.converter.entry_for(spec.name)
         if entry is None or entry.is_new:
             return self.new(spec, "no mapping")
+        return self.from_entry(spec, entry)
+
+    def resolve(self, entry, target_key: str, rows: int | None = None):
+        """(source name, ops, shape, lossy, neutral) of `entry` for `target_key`, or a reason it has none.
+
+        `rows`: the row count wanted, so grouped-query k/v heads are repeated up to it (entry.repeat_kv).
+        """
+        t_layer = target_layer(target_key)
         ops: list[dict] = []
         lossy, neutral = False, 0
         if entry.role:
             src = (self.layer if t_layer is not None else self.glob).get(entry.role)
             if src is None:
-                return self.new(spec, f"the source family has no '{entry.role}' tensor")
+                return f"the source family has no '{entry.role}' tensor"
             pattern, ops, lossy = src.pattern, list(src.transforms), src.lossy
             neutral = len(src.transforms) if src.neutral else 0
         else:
             pattern = entry.source
         ops += [dict(op) for op in entry.transforms]
-        name = self.converter.find_source(pattern, spec.name, self.names)
+        name = self.converter.find_source(pattern, target_key, self.names)
         if name is None:
-            self.missing_named.append(f"{spec.name} <- {self.converter.expand(pattern, spec.name)}")
-            return self.new(spec, f"source tensor '{self.converter.expand(pattern, spec.name)}' not found")
-        st = self.names[name]
+            self.missing_named.append(f"{target_key} <- {self.converter.expand(pattern, target_key)}")
+            return f"source tensor '{self.converter.expand(pattern, target_key)}' not found"
         try:
-            shape = infer_shape(ops, tuple(st.shape))
-            if entry.repeat_kv and shape and shape[0] != spec.shape[0] and self._grouped(shape):
+            shape = infer_shape(ops, tuple(self.names[name].shape))
+            if entry.repeat_kv and shape and shape[0] != rows and self._grouped(shape):
                 ops.append({"op": "repeat_kv_heads", "num_kv_heads": int(self.a.num_kv_heads),
                             "num_heads": int(self.a.num_heads)})
                 shape = infer_shape(ops[-1:], shape)
         except ValueError as exc:
-            raise PlanError(f"{spec.name} <- {name}: {exc}") from None
+            raise PlanError(f"{target_key} <- {name}: {exc}") from None
+        return name, ops, shape, lossy, neutral
+
+    def from_entry(self, spec, entry) -> TensorPlan:
+        """The plan of `spec` filled as `entry` says (a role or a source pattern), or a new tensor."""
+        resolved = self.resolve(entry, spec.name, spec.shape[0] if spec.shape else None)
+        if isinstance(resolved, str):
+            return self.new(spec, resolved)
+        name, ops, shape, lossy, neutral = resolved
+        st = self.names[name]
         partial = lossy
         if shape != tuple(spec.shape):
             if spec.name in VOCAB_TENSORS and len(shape) == 2 and shape[1:] == tuple(spec.shape[1:]):
@@ -116,8 +133,9 @@ class _Planner:
 def plan(catalog, analysis, overrides: dict | None = None, *, mapping: str = "default",
          mapping_file=None, layer_map: str | list = "first", strict: bool = False,
          initialize_new: bool = True, dtype: str | None = None, seed: int = 0,
-         converter: ModelWeightConverter | None = None) -> ConversionPlan:
+         converter: ModelWeightConverter | None = None, init: str = DEFAULT_INIT_MODE) -> ConversionPlan:
     a = _as_analysis(analysis)
+    init_mode = get_init_mode(init)
     if converter is not None and (mapping_file is not None or mapping != "default"):
         raise PlanError("give --mapping / --mapping-file to the converter itself, not beside it")
     converter = converter or ModelWeightConverter(mapping, mapping_file)
@@ -133,6 +151,7 @@ def plan(catalog, analysis, overrides: dict | None = None, *, mapping: str = "de
     roles = family.roles(a, set(catalog.tensors)) if family else ({}, {})
     p = _Planner(catalog, a, cfg, out_dtype, converter, roles, lmap)
     tensors = [p.tensor(spec) for spec in parameter_specs(cfg)]
+    tensors = init_mode.apply(tensors, p)
 
     new = [tp for tp in tensors if tp.kind == "init"]
     if strict and new:
@@ -163,7 +182,7 @@ def plan(catalog, analysis, overrides: dict | None = None, *, mapping: str = "de
         tensors = [tp for tp in tensors if tp.kind != "init"]
     options = {"overrides": {k: v for k, v in (overrides or {}).items() if v is not None},
                **converter.describe(), "layer_map": layer_map, "strict": strict,
-               "initialize_new": initialize_new, "dtype": out_dtype, "seed": seed}
+               "initialize_new": initialize_new, "dtype": out_dtype, "seed": seed, "init": init_mode.name}
     result = ConversionPlan(cfg.to_dict(), tensors, dropped, lmap, warnings, _analysis_dict(analysis), seed,
                             options, p.mismatches)
     share = result.summary()["transferred_parameter_share"]
