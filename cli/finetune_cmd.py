@@ -88,8 +88,8 @@ def finetune(
         print(line, file=sys.stderr, flush=True)
 
     with clean_errors(debug):
-        from mmrec.finetune import FinetuneOptions, FinetuneRefused
-        from mmrec.finetune import finetune as run
+        from mmrec.training.finetune import FinetuneOptions, FinetuneRefused
+        from mmrec.training.finetune import finetune as run
 
         options = FinetuneOptions(
             checkpoint=checkpoint, data=data, num_steps=num_steps, output=output, lr=lr, batch_size=batch_size,

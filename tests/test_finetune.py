@@ -1,4 +1,4 @@
-"""`mmrec finetune` and mmrec.finetune: a tiny converted LLaMA trained on CPU for a few steps."""
+"""`mmrec finetune` and mmrec.training.finetune: a tiny converted LLaMA trained on CPU for a few steps."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mmrec import MMRecModel
-from mmrec.finetune import DataError, FinetuneOptions, FinetuneRefused, finetune, load_tokenizer
+from mmrec.training.finetune import DataError, FinetuneOptions, FinetuneRefused, finetune, load_tokenizer
 
 MMREC = [sys.executable, "-m", "mmrec"]
 SENTENCES = ["The river runs past the old mill and into the lake.",

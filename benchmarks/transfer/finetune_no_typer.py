@@ -1,5 +1,5 @@
 """`mmrec finetune ARGS` for a machine without typer: the same options (the subset run_experiment.py
-uses), the same library call (mmrec.finetune.finetune), the summary as JSON on stdout."""
+uses), the same library call (mmrec.training.finetune.finetune), the summary as JSON on stdout."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from mmrec.finetune import FinetuneOptions, finetune
+from mmrec.training.finetune import FinetuneOptions, finetune
 
 
 def main() -> None:

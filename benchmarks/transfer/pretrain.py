@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mmrec.finetune import FileTokenizer, tokenize_documents
+from mmrec.training.data import FileTokenizer, tokenize_documents
 
 LLAMA = dict(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=6,
              num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024, rms_norm_eps=1e-6,
