@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from . import convert_cmd, demo_cmd, finetune_cmd, inspect_cmd, plan_cmd, verify_cmd
+from . import convert_cmd, demo_cmd, distill_cmd, finetune_cmd, inspect_cmd, plan_cmd, verify_cmd
 
 app = typer.Typer(name="mmrec", no_args_is_help=True, add_completion=False,
                   help="Convert Transformer checkpoints to MM-Rec, and run the result.")
@@ -16,6 +16,7 @@ app.command("shard-convert")(convert_cmd.shard_convert)
 app.command("verify")(verify_cmd.verify)
 app.command("synth")(demo_cmd.synth)
 app.command("finetune")(finetune_cmd.finetune)
+app.command("distill")(distill_cmd.distill)
 
 
 @app.callback()

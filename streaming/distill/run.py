@@ -1,0 +1,331 @@
+"""`mmrec distill`: a converted MM-Rec trained to behave like its source, with the teacher streamed.
+
+    calibration text ─► tokens [N, T] ─► teacher.embed ─► X_0
+    for each layer i:  teacher layer i (alone in memory) on X_i ─► attention output A_i, output X_{i+1}
+                       student block i (alone) ─► mixer stage on (X_i, A_i), block stage on (X_i, X_{i+1})
+                       ─► OUT/.distill/layer-i.safetensors + journal   (what --resume continues from)
+    teacher head on X_L ─► top-k logits ─► end-to-end KL of the whole student
+    ─► OUT: config.json, model*.safetensors, tokenizer files, distill_report.json (written last)
+
+Teacher forcing makes layers independent given X_i, so a resumed run redoes only the teacher's forward
+passes up to the first unfinished layer and gives the same bytes (seeded, on the CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from mmrec.checkpoint import LazyStateDict, checkpoint_file_paths, parse_size, save_pretrained
+from mmrec.model import MMRecBlock, MMRecModel
+from mmrec.training.data import TOKENIZER_FILES, load_tokenizer, read_documents, tokenize_documents
+from mmrec.training.device import resolve_device
+from mmrec.training.errors import DataError, TrainingError
+
+from .activations import ActivationSpace
+from .end_to_end import heldout_kl, train_end_to_end
+from .layerwise import LayerwiseSettings, stage_error, train_stage
+
+STAGES = ("mixer", "block", "e2e")
+WORK_DIR = ".distill"
+JOURNAL = "journal.json"
+REPORT = "distill_report.json"
+RUN_SETTINGS = ("tokens", "seq_len", "stages", "mixer_steps", "block_steps", "e2e_steps", "batch_size",
+                "lr", "e2e_lr", "top_k", "seed", "heldout_sequences")
+
+
+class DistillRefused(Exception):
+    """The output cannot be written as asked (exists without --resume/--overwrite, changed settings)."""
+
+
+@dataclasses.dataclass
+class DistillOptions:
+    teacher: Path
+    student: Path
+    data: Sequence[Path]
+    output: Path
+    tokens: int = 1_000_000        # calibration tokens (cut into sequences of seq_len)
+    seq_len: int = 256
+    stages: str = "mixer,block,e2e"
+    mixer_steps: int = 100         # per layer
+    block_steps: int = 100         # per layer
+    e2e_steps: int = 200
+    batch_size: int = 16           # sequences per step
+    lr: float = 1e-3               # layer-wise stages
+    e2e_lr: float = 3e-4
+    top_k: int = 64
+    seed: int = 0
+    heldout_sequences: int = 0     # 0: 5% of the sequences, at least 1 (scored, never trained on)
+    device: str | None = None
+    memory_budget: str = "2GB"     # activations beyond this go to memory-mapped files
+    resume: bool = False
+    overwrite: bool = False
+    stop_after_layer: int | None = None  # testing: stop after this layer as if killed
+
+    def __post_init__(self) -> None:
+        self.teacher, self.student, self.output = Path(self.teacher), Path(self.student), Path(self.output)
+        self.data = [Path(p) for p in self.data]
+
+    @property
+    def stage_list(self) -> list[str]:
+        return [s.strip() for s in self.stages.split(",") if s.strip()]
+
+    def validate(self) -> None:
+        unknown = [s for s in self.stage_list if s not in STAGES]
+        if unknown or not self.stage_list:
+            raise ValueError(f"--stages must be a comma-separated subset of {','.join(STAGES)}, got "
+                             f"{self.stages!r}")
+        for name in ("tokens", "seq_len", "batch_size", "top_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("mixer_steps", "block_steps", "e2e_steps", "heldout_sequences"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        for name in ("lr", "e2e_lr"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number greater than 0, got {value}")
+        if self.tokens < 2 * self.seq_len:
+            raise ValueError(f"--tokens {self.tokens} is less than two sequences of --seq-len {self.seq_len}")
+        parse_size(self.memory_budget)
+        if not self.data:
+            raise DataError("no calibration data: give --data FILE (.txt or .jsonl) at least once")
+
+    def settings(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        return {name: values[name] for name in RUN_SETTINGS}
+
+
+# -- inputs --------------------------------------------------------------------------------------------
+def _student_config(options: DistillOptions):
+    from mmrec.checkpoint import checkpoint_files
+
+    _, config = checkpoint_files(options.student)
+    return config
+
+
+def _check_pair(teacher, config, options: DistillOptions) -> None:
+    """The student must be a conversion of this teacher: same layers, width and vocabulary."""
+    t = teacher.config
+    width = getattr(t, "hidden_size", None) or getattr(t, "n_embd", None)
+    checks = [("num_layers", teacher.num_layers, config.num_layers), ("model_dim", width, config.model_dim)]
+    for field, want, got in checks:
+        if want != got:
+            raise DataError(f"--student {options.student}: its {field} is {got}, the teacher's is {want}; "
+                            f"distill a conversion of this teacher (same layers and width)")
+    if config.vocab_size < t.vocab_size:
+        raise DataError(f"--student {options.student}: vocab_size {config.vocab_size} is smaller than the "
+                        f"teacher's {t.vocab_size}")
+
+
+def _tokenizer(options: DistillOptions, teacher_root: Path):
+    """The student's tokenizer.json (what the conversion copied), which must be the teacher's own."""
+    student_dir = options.student if options.student.is_dir() else options.student.parent
+    ours, theirs = student_dir / "tokenizer.json", teacher_root / "tokenizer.json"
+    if ours.exists() and theirs.exists() and _digest(ours) != _digest(theirs):
+        raise DataError(f"tokenizer mismatch: {ours} differs from the teacher's {theirs}; the calibration "
+                        f"text must be tokenized as the teacher was trained")
+    return load_tokenizer(options.student if ours.exists() else teacher_root / "config.json")
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def calibration_sequences(options: DistillOptions, tokenizer, vocab_size: int) -> torch.Tensor:
+    """The calibration stream (documents shuffled by the seed) cut into [N, seq_len] token sequences."""
+    ids = tokenize_documents(read_documents(options.data, "--data"), tokenizer, vocab_size, options.seed)
+    count = min(options.tokens, ids.numel()) // options.seq_len
+    if count < 2:
+        raise DataError(f"--data gives {ids.numel():,} tokens: fewer than two sequences of --seq-len "
+                        f"{options.seq_len}; give more text or a shorter --seq-len")
+    return ids[:count * options.seq_len].view(count, options.seq_len).long()
+
+
+# -- output and resume ------------------------------------------------------------------------------------
+def _prepare_output(options: DistillOptions) -> dict:
+    out, work = options.output, options.output / WORK_DIR
+    journal_path = work / JOURNAL
+    if options.resume and journal_path.exists():
+        journal = json.loads(journal_path.read_text())
+        if journal.get("settings") != options.settings():
+            changed = sorted(k for k in options.settings() if journal["settings"].get(k) != options.settings()[k])
+            raise DistillRefused(f"--resume: {out} was started with other settings ({', '.join(changed)})")
+        return journal
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not options.overwrite:
+            raise DistillRefused(f"--output {out} exists and is not empty: pass --overwrite to replace it or "
+                                 f"--resume to continue an interrupted run")
+        for path in [*checkpoint_file_paths(out), out / REPORT, out / "config.json"]:
+            path.unlink(missing_ok=True)
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    journal = {"settings": options.settings(), "layers": {}}
+    _write_json(journal_path, journal)
+    return journal
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def _save_block(block: torch.nn.Module, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {name: p.detach().cpu().contiguous() for name, p in block.named_parameters()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+
+
+def _load_block(config, stored, layer: int, device, path: Path | None = None) -> MMRecBlock:
+    block = MMRecBlock(config)
+    if path is not None:
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = {name: stored[f"blocks.{layer}.{name}"].float() for name, _ in block.named_parameters()}
+    block.load_state_dict(state, strict=True)
+    return block.to(device).eval()
+
+
+# -- the run -------------------------------------------------------------------------------------------------
+def distill(options: DistillOptions, progress: Callable[[dict], None] | None = None) -> dict:
+    """Run every stage; returns the report (also written to OUT/distill_report.json, last)."""
+    from ..sources import open_source
+    from .teacher import StreamedTeacher
+
+    options.validate()
+    report_event = progress or (lambda record: None)
+    began = time.monotonic()
+    device = resolve_device(options.device)
+    config = _student_config(options)
+    catalog = open_source(options.teacher)
+    teacher = StreamedTeacher(catalog, device)
+    _check_pair(teacher, config, options)
+    tokenizer = _tokenizer(options, catalog.root)
+    sequences = calibration_sequences(options, tokenizer, teacher.config.vocab_size)
+    journal = _prepare_output(options)
+    work = options.output / WORK_DIR
+    held = options.heldout_sequences or max(1, sequences.shape[0] // 20)
+    held = min(held, sequences.shape[0] - 1)
+    train_ids, held_ids = sequences[:-held], sequences[-held:]
+    stages = options.stage_list
+    settings = LayerwiseSettings({"mixer": options.mixer_steps if "mixer" in stages else 0,
+                                  "block": options.block_steps if "block" in stages else 0},
+                                 options.batch_size, options.lr, options.seed)
+    stored = LazyStateDict(options.student)
+    space = ActivationSpace(work / "activations", parse_size(options.memory_budget))
+    N, T, D = sequences.shape[0], options.seq_len, config.model_dim
+    x = space.tensor("x", (N, T, D))
+    batch = max(1, options.batch_size)
+    for a in range(0, N, batch):
+        x[a:a + batch] = teacher.embed(sequences[a:a + batch]).float().cpu()
+    layer_reports = []
+    for i in range(teacher.num_layers):
+        layer_file = work / f"layer-{i}.safetensors"
+        done = str(i) in journal["layers"] and layer_file.exists()
+        attn, y = space.tensor(f"attn-{i}", (N, T, D)), space.tensor(f"out-{i}", (N, T, D))
+        layer_began = time.monotonic()
+        with teacher.layer(i) as layer:
+            for a in range(0, N, batch):
+                out, branch = teacher.run_layer(layer, x[a:a + batch])
+                y[a:a + batch], attn[a:a + batch] = out.float().cpu(), branch.float().cpu()
+        if done:
+            layer_reports.append(journal["layers"][str(i)])
+        else:
+            block = _load_block(config, stored, i, device)
+            n_train = train_ids.shape[0]
+            before = {s: stage_error(s, block, x[n_train:], (attn if s == "mixer" else y)[n_train:], device, batch)
+                      for s in ("mixer", "block")}
+            runs = {}
+            for stage in ("mixer", "block"):
+                target = attn if stage == "mixer" else y
+                runs[stage] = train_stage(stage, block, x[:n_train], target[:n_train], i, settings, device,
+                                          report_event)
+            after = {s: stage_error(s, block, x[n_train:], (attn if s == "mixer" else y)[n_train:], device, batch)
+                     for s in ("mixer", "block")}
+            _save_block(block, layer_file)
+            entry = {"layer": i, "mixer_mse_before": before["mixer"], "mixer_mse_after": after["mixer"],
+                     "block_mse_before": before["block"], "block_mse_after": after["block"],
+                     "stages": runs, "seconds": round(time.monotonic() - layer_began, 3)}
+            journal["layers"][str(i)] = entry
+            _write_json(work / JOURNAL, journal)
+            layer_reports.append(entry)
+            del block
+        report_event({"event": "layer", **layer_reports[-1], "layers": teacher.num_layers})
+        space.release(x)
+        space.release(attn)
+        x = y
+        if options.stop_after_layer is not None and i >= options.stop_after_layer:
+            raise KeyboardInterrupt(f"stopped after layer {i} (--stop-after-layer)")
+    student = _assemble_student(config, stored, work, teacher.num_layers, device)
+    e2e = {"steps": 0}
+    if "e2e" in stages and options.e2e_steps > 0:
+        k = min(options.top_k, teacher.config.vocab_size)
+        top_values, top_index = space.tensor("top_values", (N, T, k)), space.tensor("top_index", (N, T, k),
+                                                                                   torch.int32)
+        with teacher.head_loaded():
+            for a in range(0, N, batch):
+                values, index = teacher.logits(x[a:a + batch]).topk(k, dim=-1)
+                top_values[a:a + batch], top_index[a:a + batch] = values.cpu(), index.int().cpu()
+        n_train = train_ids.shape[0]
+        kl_before = heldout_kl(student, held_ids, top_values[n_train:], top_index[n_train:], device, batch)
+        e2e = train_end_to_end(student, train_ids, top_values[:n_train], top_index[:n_train],
+                               steps=options.e2e_steps, batch_size=options.batch_size, lr=options.e2e_lr,
+                               seed=options.seed, device=device, report=report_event)
+        e2e.update(kl_before=kl_before,
+                   kl_after=heldout_kl(student, held_ids, top_values[n_train:], top_index[n_train:], device, batch))
+        if e2e["skipped_steps"] == e2e["steps"]:
+            raise TrainingError("end-to-end distillation: every step had a non-finite loss or gradient")
+    report = {"teacher": str(options.teacher), "student": str(options.student), "output": str(options.output),
+              "device": str(device), "settings": options.settings(), "calibration_sequences": N,
+              "calibration_tokens": N * T, "heldout_sequences": held, "layers": layer_reports,
+              "end_to_end": e2e, "activations_spilled_to_disk": bool(space.spilled),
+              "seconds": round(time.monotonic() - began, 3)}
+    _write_output(student, options, catalog.root, report)
+    return report
+
+
+def _assemble_student(config, stored, work: Path, layers: int, device) -> MMRecModel:
+    """The converted student with every distilled block in place (the whole student, on its device)."""
+    from safetensors.torch import load_file
+
+    model = MMRecModel(config)
+    model.load_state_dict({name: stored[name].float() for name in stored}, strict=False)
+    for i in range(layers):
+        model.blocks[i].load_state_dict(load_file(str(work / f"layer-{i}.safetensors")), strict=True)
+    return model.to(device).eval()
+
+
+def _write_output(student: MMRecModel, options: DistillOptions, teacher_root: Path, report: dict) -> None:
+    """Model files, then tokenizer files, then the report: a directory without the report is unfinished."""
+    out = options.output
+    stored_dtype = _stored_dtype(options.student)
+    save_pretrained(student, out, max_shard_size="5GB", dtype=stored_dtype)
+    student_dir = options.student if options.student.is_dir() else options.student.parent
+    for name in TOKENIZER_FILES:
+        for folder in (student_dir, teacher_root):
+            if (folder / name).is_file():
+                shutil.copyfile(folder / name, out / name)
+                break
+    _write_json(out / REPORT, report)
+    shutil.rmtree(out / WORK_DIR / "activations", ignore_errors=True)
+
+
+def _stored_dtype(student: Path) -> torch.dtype:
+    stored = LazyStateDict(student)
+    first = next(iter(stored))
+    return stored[first].dtype
