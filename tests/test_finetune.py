@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -82,6 +83,8 @@ def test_resume_continues_the_same_run(converted, text, full_run, tmp_path):
         finetune(options(converted, text, split))
     with pytest.raises(FinetuneRefused, match="lr"):
         finetune(options(converted, text, split, lr=1e-3, resume=True))
+    with pytest.raises(FinetuneRefused, match=r"settings changed \(decay_penalty\)"):
+        finetune(options(converted, text, split, decay_penalty=0.0, resume=True))
     resumed = finetune(options(converted, text, split, resume=True))
     assert resumed["resumed_from_step"] == 3 and resumed["steps"] == 8 and resumed["finished"]
     # Dropout is on (the config's 0.1): the RNG, the carried state and the optimizer all come back.
@@ -90,6 +93,31 @@ def test_resume_continues_the_same_run(converted, text, full_run, tmp_path):
     a, b = MMRecModel.from_pretrained(out), MMRecModel.from_pretrained(split)
     for name, tensor in a.state_dict().items():
         assert torch.equal(tensor, b.state_dict()[name]), name
+
+
+def test_the_carried_state_size_is_logged(full_run):
+    out, summary = full_run
+    log = [json.loads(line) for line in (out / "loss_log.jsonl").read_text().splitlines()]
+    sizes = [r["max_abs_h"] for r in log]
+    assert len(sizes) == 8 and all(isinstance(v, float) and math.isfinite(v) and v >= 0 for v in sizes)
+    assert summary["max_abs_h"] == max(sizes) > 0  # 0 at step 1 only: the conversion starts W_z at 0
+    assert summary["settings"]["decay_penalty"] == 10.0
+    assert json.loads((out / "finetune_summary.json").read_text())["max_abs_h"] == max(sizes)
+
+
+def test_a_run_saved_before_decay_penalty_resumes_without_the_guard(converted, text, tmp_path):
+    """A train_state without decay_penalty in its settings was trained with no guard: it resumes with
+    decay_penalty=0, and the default (a change) is refused."""
+    out = tmp_path / "old"
+    finetune(options(converted, text, out, num_steps=2, stop_at=1, decay_penalty=0.0))
+    trainer_state = out / "train_state" / "trainer_state.json"
+    saved = json.loads(trainer_state.read_text())
+    del saved["settings"]["decay_penalty"]
+    trainer_state.write_text(json.dumps(saved))
+    with pytest.raises(FinetuneRefused, match="decay_penalty"):
+        finetune(options(converted, text, out, num_steps=2, resume=True))
+    resumed = finetune(options(converted, text, out, num_steps=2, resume=True, decay_penalty=0.0))
+    assert resumed["steps"] == 2 and resumed["finished"]
 
 
 def test_the_output_loads_with_from_pretrained(full_run):

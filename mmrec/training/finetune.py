@@ -9,7 +9,10 @@ time), so a document longer than `seq_len` is read with the context of its earli
 reset when the lanes wrap round to the start (a new epoch).
 
 Training: AdamW (weight decay on matrices only), linear warmup then cosine decay to `min_lr_ratio * lr`,
-gradient clipping, bf16 autocast on CUDA with float32 master weights.
+gradient clipping, bf16 autocast on CUDA with float32 master weights. The loss backpropagated is the
+cross-entropy plus the decay penalty of `stability.DecayGuard` (weight `decay_penalty`, 0 turns it off),
+which keeps the carried state from growing geometrically over the run; the logged `loss` is the plain
+cross-entropy, and each step's record has `max_abs_h`, the largest |h| of the carried state.
 
 Output directory:
     config.json, model*.safetensors [+ index], tokenizer files   the final model (`from_pretrained(OUT)`)
@@ -45,12 +48,15 @@ from .evaluate import evaluate
 from .outputs import (LOSS_LOG, LOSS_PLOT, TRAIN_STATE, find_train_state, plot_losses, read_log,
                       save_train_state, write_json, write_model)
 from .schedule import lr_at, make_optimizer
+from .stability import DecayGuard
 
 SUMMARY = "finetune_summary.json"
 MAX_SKIPPED_STEPS = 5  # non-finite loss or gradient this many steps in a row is an error
 # Settings that define a run: a resume with any of them changed is refused.
 RUN_SETTINGS = ("checkpoint", "data", "fresh", "num_steps", "lr", "batch_size", "seq_len", "warmup_steps",
-                "min_lr_ratio", "weight_decay", "grad_clip", "dropout", "seed", "tokenizer")
+                "min_lr_ratio", "weight_decay", "grad_clip", "dropout", "seed", "tokenizer", "decay_penalty")
+# What a train_state saved before a setting existed ran with (compared on resume in place of the missing value).
+LEGACY_SETTINGS = {"decay_penalty": 0.0}
 
 
 @dataclasses.dataclass
@@ -82,6 +88,7 @@ class FinetuneOptions:
     tokenizer: str = "auto"  # "auto": tokenizer.json beside the checkpoint, else bytes; or "bytes"
     stop_at: int | None = None  # stop after this step as if interrupted (leaves a resumable state)
     threads: int | None = None  # CPU threads for torch during the run (default: torch's)
+    decay_penalty: float = 10.0  # weight of the DecayGuard penalty on γ > 9/11 (0: no guard)
 
     def __post_init__(self) -> None:
         self.checkpoint = Path(self.checkpoint)
@@ -106,6 +113,8 @@ class FinetuneOptions:
             raise ValueError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise ValueError("--weight-decay and --grad-clip must be >= 0")
+        if not (math.isfinite(self.decay_penalty) and self.decay_penalty >= 0):
+            raise ValueError(f"decay_penalty must be a finite number >= 0, got {self.decay_penalty}")
         if self.dropout is not None and not 0 <= self.dropout < 1:
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.tokenizer not in ("auto", "bytes"):
@@ -189,7 +198,8 @@ def _prepare_output(options: FinetuneOptions) -> Path | None:
             raise FinetuneRefused(f"{output}: nothing to resume (no {TRAIN_STATE}/ from an earlier run); "
                                   "run without --resume")
         saved = json.loads((state_dir / "trainer_state.json").read_text())
-        changed = [name for name, value in options.settings().items() if saved["settings"].get(name) != value]
+        changed = [name for name, value in options.settings().items()
+                   if saved["settings"].get(name, LEGACY_SETTINGS.get(name)) != value]
         if changed:
             raise FinetuneRefused(f"{output}: cannot resume: the run's settings changed ({', '.join(changed)}); "
                                   "rerun with the same settings, or use --overwrite to start again")
@@ -252,6 +262,7 @@ def _finetune(options: FinetuneOptions, progress) -> dict[str, Any]:
     if options.grad_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
+    guard = DecayGuard(list(model.blocks), options.decay_penalty) if options.decay_penalty > 0 else None
     optimizer = make_optimizer(model, options.lr, options.weight_decay, device)
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
     state, start_step, tokens = None, 0, 0
@@ -312,8 +323,10 @@ def _finetune(options: FinetuneOptions, progress) -> dict[str, Any]:
             with autocast(device):
                 logits, state = model(inputs, state)
             loss = F.cross_entropy(logits.float().reshape(-1, vocab), targets.reshape(-1))
+            max_abs_h = max(float(s.h.detach().abs().max()) for s in state)
+            total = loss + guard.penalty() if guard is not None else loss
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            total.backward()
             grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, options.grad_clip or math.inf))
             loss_value = float(loss.detach())
             skipped = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
@@ -335,7 +348,8 @@ def _finetune(options: FinetuneOptions, progress) -> dict[str, Any]:
             train_time += time.perf_counter() - began
             record = {"step": step, "loss": round(loss_value, 6) if math.isfinite(loss_value) else None,
                       "lr": lr, "tokens": tokens, "grad_norm": round(grad_norm, 5) if math.isfinite(grad_norm) else None,
-                      "tokens_per_s": round(run_tokens / train_time, 1)}
+                      "tokens_per_s": round(run_tokens / train_time, 1),
+                      "max_abs_h": max_abs_h if math.isfinite(max_abs_h) else None}
             if skipped:
                 record["skipped"] = True
             if eval_ids is not None and step < options.num_steps and options.eval_every \
@@ -354,6 +368,8 @@ def _finetune(options: FinetuneOptions, progress) -> dict[str, Any]:
     finally:
         log.close()
         interrupt.restore()
+        if guard is not None:
+            guard.close()
     _save_train_state(output, model, optimizer, state, step, tokens, options)
 
     finished = step >= options.num_steps
@@ -361,6 +377,7 @@ def _finetune(options: FinetuneOptions, progress) -> dict[str, Any]:
     losses = [r["loss"] for r in records if r.get("loss") is not None]
     skipped_steps = sum(1 for r in records if r.get("skipped"))
     evals = [r for r in records if "eval_loss" in r]
+    state_sizes = [r["max_abs_h"] for r in records if r.get("max_abs_h") is not None]
     plotted = plot_losses(records, output / LOSS_PLOT, title=f"fine-tuning {options.checkpoint.name}"
                           + (" (fresh init)" if options.fresh else ""))
     summary = {
@@ -372,6 +389,7 @@ def _finetune(options: FinetuneOptions, progress) -> dict[str, Any]:
         "finished": finished,
         "tokens": tokens,
         "skipped_steps": skipped_steps,
+        "max_abs_h": max(state_sizes) if state_sizes else None,
         "initial_eval_loss": evals[0]["eval_loss"] if evals and evals[0]["step"] == 0 else None,
         "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
         "tokens_per_s": round(run_tokens / train_time, 1) if train_time else None,
