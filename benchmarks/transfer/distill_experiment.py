@@ -49,7 +49,7 @@ def write_jsonl(path: Path, texts: list[str]) -> Path:
 # -- arms ----------------------------------------------------------------------------------------------
 def distill_arms(tiny: bool) -> dict[str, dict]:
     """name -> DistillOptions fields (besides teacher/student/data/output)."""
-    steps = dict(mixer_steps=150, block_steps=150, e2e_steps=300, batch_size=32, seq_len=256)
+    steps = dict(mixer_steps=40, block_steps=60, e2e_steps=150, batch_size=64, seq_len=128)
     if tiny:
         steps = dict(mixer_steps=5, block_steps=5, e2e_steps=5, batch_size=4, seq_len=64)
     one_m = 1_000_000 if not tiny else 20_000
@@ -214,7 +214,7 @@ def phase_distill(args) -> None:
     save(args.out / "distill_results.json", {"scores": results, "summary": summarise(results), "reports": reports})
 
 
-FT_ARMS = ("fresh", "conv-guide", "conv-self-attend", "distill-all-1M", "distill-all-max")
+FT_ARMS = ("fresh", "conv-guide", "conv-self-attend", "distill-all-1M")
 
 
 def phase_finetune(args) -> None:

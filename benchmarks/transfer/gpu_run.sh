@@ -14,6 +14,6 @@ xp --phase prepare
 if [ "$phase" = distill ]; then
   xp --phase distill "$@"
 else
-  xp --phase distill --arms all-1M,all-max --deadline 240
-  xp --phase finetune --deadline 360
+  xp --phase distill --arms all-1M --deadline 200
+  xp --phase finetune --deadline 230
 fi

@@ -18,7 +18,8 @@ DECAY_PENALTY_WEIGHT = 10.0
 
 class DecayGuard:
     """Watches the decay γ of the given blocks during forward passes; `penalty()` turns what it saw into a
-    loss term (mean squared excess over DECAY_LIMIT, summed over blocks) and forgets it."""
+    loss term (squared excess over DECAY_LIMIT, averaged over positions and summed over channels and blocks)
+    and forgets it."""
 
     def __init__(self, blocks: list[nn.Module], weight: float = DECAY_PENALTY_WEIGHT):
         self.weight = weight
@@ -40,7 +41,9 @@ class DecayGuard:
         for parts in self._seen.values():
             if len(parts) == 2:
                 gamma = torch.sigmoid(parts["W_gamma"].float()) * torch.sigmoid(parts["W_context"].float())
-                total = total + (gamma - DECAY_LIMIT).clamp(min=0).pow(2).mean()
+                # mean over positions, sum over channels: one channel over the bound is enough to grow h
+                excess = (gamma - DECAY_LIMIT).clamp(min=0).pow(2)
+                total = total + excess.reshape(-1, excess.shape[-1]).mean(0).sum()
         self._seen.clear()
         return self.weight * total
 

@@ -75,7 +75,7 @@ def train_end_to_end(model, ids: torch.Tensor, top_values: torch.Tensor, top_ind
                 optimizer.step()
             else:
                 skipped += 1
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             elapsed = time.monotonic() - began
             report({"event": "step", "layer": None, "stage": "e2e", "step": step + 1, "steps": steps,
                     "loss": losses[-1], "tokens_per_s": (step + 1) * tokens_per_step / max(elapsed, 1e-9),

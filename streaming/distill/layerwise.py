@@ -104,7 +104,7 @@ def train_stage(stage: str, block: nn.Module, x: torch.Tensor, target: torch.Ten
                                                   settings.grad_clip)
             if math.isfinite(float(total.detach())) and math.isfinite(float(norm)):
                 optimizer.step()  # a non-finite step is skipped, never applied
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             elapsed = time.monotonic() - began
             report({"event": "step", "layer": layer, "stage": stage, "step": step + 1, "steps": steps,
                     "loss": losses[-1], "tokens_per_s": (step + 1) * tokens_per_step / max(elapsed, 1e-9),

@@ -231,8 +231,9 @@ def distill(options: DistillOptions, progress: Callable[[dict], None] | None = N
     N, T, D = sequences.shape[0], options.seq_len, config.model_dim
     x = space.tensor("x", (N, T, D))
     batch = max(1, options.batch_size)
-    for a in range(0, N, batch):
-        x[a:a + batch] = teacher.embed(sequences[a:a + batch]).float().cpu()
+    with teacher.embedding_loaded():
+        for a in range(0, N, batch):
+            x[a:a + batch] = teacher.embed(sequences[a:a + batch]).float().cpu()
     layer_reports = []
     for i in range(teacher.num_layers):
         layer_file = work / f"layer-{i}.safetensors"

@@ -82,8 +82,14 @@ class StreamedTeacher:
         if self.final_norm is None:
             raise TeacherError(f"{config.model_type}: no final norm found (looked for {FINAL_NORM_NAMES})")
         self.head = self.model.get_output_embeddings()
-        self._names = {id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)}
-        self._embedding_name = self._names[id(self.model.get_input_embeddings().weight)]
+        # Names are fixed here, once: loading and unloading replace the Parameter objects.
+        names = {id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)}
+        self._embedding_name = names[id(self.model.get_input_embeddings().weight)]
+        self._head_name = names[id(self.head.weight)]
+        self._norm_prefix = next(n for n, m in self.model.named_modules() if m is self.final_norm)
+        self._head_side = {f"{self._norm_prefix}.{n}" for n, _ in self.final_norm.named_parameters()}
+        self._head_side |= {f"{self._head_name.rpartition('.')[0]}.{n}".lstrip(".")
+                            for n, _ in self.head.named_parameters()}
         self._layer_kwargs: dict[tuple[int, int], dict[str, Any]] = {}
 
     @property
@@ -102,7 +108,7 @@ class StreamedTeacher:
         name = normalize_name(full_name)
         if name in self.catalog.tensors:
             return name
-        if self.head is not None and full_name == self._names.get(id(self.head.weight)):
+        if full_name == self._head_name:
             # The head may be saved under the family's own name (GPT-NeoX: embed_out), or, tied, only as
             # the embedding.
             for candidate in (self._family_head_name(), normalize_name(self._embedding_name)):
@@ -146,27 +152,31 @@ class StreamedTeacher:
         finally:
             self._unload(layer)
 
-    def _outside_layers(self) -> list[tuple[str, nn.Module]]:
-        skip = {id(m) for m in (self.layers, self.head, self.final_norm)}
-        return [(name, module) for name, module in self.model.named_children() if id(module) not in skip]
-
     # -- forward pieces ----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def embedding_loaded(self):
+        """What runs before layer 0 (embeddings) with real weights inside the block, so many batches can be
+        embedded with one read of them."""
+        names = [n for n, _ in self.model.named_parameters(remove_duplicate=False)
+                 if not n.startswith(self.layers_prefix + ".")
+                 and (n not in self._head_side or n == self._embedding_name)]
+        for name in names:
+            source = self.catalog.read(self._source_name(name))
+            _set(self.model, name, source.to(device=self.device, dtype=self.dtype))
+        self._embedding_ready = True
+        try:
+            yield
+        finally:
+            self._embedding_ready = False
+            for name in names:
+                _set(self.model, name, torch.empty(self.model.get_parameter(name).shape, device="meta"))
+
     @torch.no_grad()
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """The hidden state entering layer 0 for ids [B, T]; remembers the layers' keyword arguments."""
-        pre_layer = [(n, p) for n, p in self.model.named_parameters(remove_duplicate=False)
-                     if not n.startswith(self.layers_prefix + ".") and p.is_meta]
-        head_names = {self._names.get(id(p)) for p in [*self.head.parameters(), *self.final_norm.parameters()]}
-        embedding_id = id(self.model.get_input_embeddings().weight)
-        loaded = []
-        for name, param in pre_layer:
-            if name in head_names and id(param) != embedding_id:
-                continue
-            if not param.is_meta:
-                continue
-            source = self.catalog.read(self._source_name(name))
-            _set(self.model, name, source.to(device=self.device, dtype=self.dtype))
-            loaded.append(name)
+        if not getattr(self, "_embedding_ready", False):
+            with self.embedding_loaded():
+                return self.embed(ids)
         captured = {}
 
         def capture(module, args, kwargs):
@@ -181,8 +191,6 @@ class StreamedTeacher:
             pass
         finally:
             handle.remove()
-            for name in loaded:
-                _set(self.model, name, torch.empty(self.model.get_parameter(name).shape, device="meta"))
         self._layer_kwargs[tuple(ids.shape)] = {"args": captured["args"], "kwargs": captured["kwargs"]}
         return captured["hidden"]
 
@@ -214,9 +222,8 @@ class StreamedTeacher:
     @contextlib.contextmanager
     def head_loaded(self):
         """The final norm and the output head with real weights inside the block."""
-        head_prefix = self._names[id(self.head.weight)].rpartition(".")[0]
-        norm_prefix = next(n for n, m in self.model.named_modules() if m is self.final_norm)
-        self._load(self.final_norm, norm_prefix + ".")
+        head_prefix = self._head_name.rpartition(".")[0]
+        self._load(self.final_norm, self._norm_prefix + ".")
         self._load(self.head, head_prefix + "." if head_prefix else "")
         try:
             yield
