@@ -88,10 +88,18 @@ def fresh_state_dir(work: Path) -> Path:
     from mmrec import MMRecModel
     from mmrec.checkpoint import LazyStateDict
 
+    import shutil
+
+    from mmrec.training.data import TOKENIZER_FILES
+
     out = work / "fresh"
     if not (out / "config.json").exists():
         torch.manual_seed(0)
         MMRecModel(LazyStateDict(work / "conv-self-attend").config).save_pretrained(out)
+    # the tokenizer too: without it `mmrec finetune` falls back to bytes (run 3's fresh arm did: invalid)
+    for name in TOKENIZER_FILES:
+        if (work / "conv-self-attend" / name).exists():
+            shutil.copyfile(work / "conv-self-attend" / name, out / name)
     return out
 
 
