@@ -130,6 +130,14 @@ def _map_tensor(mapped: mmap.mmap, span: TensorSpan) -> torch.Tensor:
     return raw.view(dtype).view(span.shape)
 
 
+def map_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file as a view of a copy-on-write memory map (no copy, no config)."""
+    header = read_header(path)
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    return {name: _map_tensor(mapped, span) for name, span in header.tensors.items()}
+
+
 def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model

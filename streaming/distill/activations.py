@@ -20,6 +20,7 @@ class ActivationSpace:
         self.directory, self.budget, self.used = Path(directory), budget, 0
         self.spilled: list[str] = []
         self._in_ram: dict[int, int] = {}  # id(tensor) -> bytes
+        self._files: dict[int, Path] = {}  # id(tensor) -> its file
 
     def tensor(self, name: str, shape: tuple[int, ...], dtype=torch.float32) -> torch.Tensor:
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
@@ -32,8 +33,13 @@ class ActivationSpace:
         path = self.directory / f"{name}.bin"
         mapped = np.memmap(path, dtype=_NUMPY[dtype], mode="w+", shape=shape)
         self.spilled.append(name)
-        return torch.from_numpy(mapped)
+        tensor = torch.from_numpy(mapped)
+        self._files[id(tensor)] = path
+        return tensor
 
     def release(self, tensor: torch.Tensor) -> None:
-        """Give a RAM tensor's bytes back to the budget (files go with the work directory)."""
+        """Give a tensor's RAM back to the budget, or remove its file (the map lives until the tensor dies)."""
         self.used -= self._in_ram.pop(id(tensor), 0)
+        path = self._files.pop(id(tensor), None)
+        if path is not None:
+            path.unlink(missing_ok=True)

@@ -25,7 +25,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from mmrec.checkpoint import LazyStateDict, checkpoint_file_paths, parse_size, save_pretrained
+from mmrec.checkpoint import (LazyStateDict, _set_parameter, checkpoint_file_paths, map_safetensors, parse_size,
+                              save_pretrained)
 from mmrec.model import MMRecBlock, MMRecModel
 from mmrec.training.data import TOKENIZER_FILES, load_tokenizer, read_documents, tokenize_documents
 from mmrec.training.device import resolve_device
@@ -134,7 +135,7 @@ def _tokenizer(options: DistillOptions, teacher_root: Path):
     if ours.exists() and theirs.exists() and _digest(ours) != _digest(theirs):
         raise DataError(f"tokenizer mismatch: {ours} differs from the teacher's {theirs}; the calibration "
                         f"text must be tokenized as the teacher was trained")
-    return load_tokenizer(options.student if ours.exists() else teacher_root / "config.json")
+    return load_tokenizer(student_dir if ours.exists() else teacher_root)
 
 
 def _digest(path: Path) -> str:
@@ -189,15 +190,11 @@ def _save_block(block: torch.nn.Module, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _load_block(config, stored, layer: int, device, path: Path | None = None) -> MMRecBlock:
+def _load_block(config, stored, layer: int, device) -> MMRecBlock:
+    """Block `layer` of the converted student, alone, in float32 on `device`."""
     block = MMRecBlock(config)
-    if path is not None:
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = {name: stored[f"blocks.{layer}.{name}"].float() for name, _ in block.named_parameters()}
-    block.load_state_dict(state, strict=True)
+    block.load_state_dict({name: stored[f"blocks.{layer}.{name}"].float() for name, _ in block.named_parameters()},
+                          strict=True)
     return block.to(device).eval()
 
 
@@ -272,9 +269,10 @@ def distill(options: DistillOptions, progress: Callable[[dict], None] | None = N
         x = y
         if options.stop_after_layer is not None and i >= options.stop_after_layer:
             raise KeyboardInterrupt(f"stopped after layer {i} (--stop-after-layer)")
-    student = _assemble_student(config, stored, work, teacher.num_layers, device)
     e2e = {"steps": 0}
+    student = None
     if "e2e" in stages and options.e2e_steps > 0:
+        student = _student_with_blocks(options, work, teacher.num_layers, device, torch.float32)
         k = min(options.top_k, teacher.config.vocab_size)
         top_values, top_index = space.tensor("top_values", (N, T, k)), space.tensor("top_index", (N, T, k),
                                                                                    torch.int32)
@@ -296,19 +294,21 @@ def distill(options: DistillOptions, progress: Callable[[dict], None] | None = N
               "calibration_tokens": N * T, "heldout_sequences": held, "layers": layer_reports,
               "end_to_end": e2e, "activations_spilled_to_disk": bool(space.spilled),
               "seconds": round(time.monotonic() - began, 3)}
+    if student is None:
+        student = _student_with_blocks(options, work, teacher.num_layers, torch.device("cpu"), None)
     _write_output(student, options, catalog.root, report)
     return report
 
 
-def _assemble_student(config, stored, work: Path, layers: int, device) -> MMRecModel:
-    """The converted student with every distilled block in place (the whole student, on its device)."""
-    from safetensors.torch import load_file
-
-    model = MMRecModel(config)
-    model.load_state_dict({name: stored[name].float() for name in stored}, strict=False)
+def _student_with_blocks(options: DistillOptions, work: Path, layers: int, device, dtype) -> MMRecModel:
+    """The converted student with every distilled block in place. On the CPU with dtype None nothing is
+    copied (memory-map views of the student and of the layer files), so writing it needs no RAM for the
+    model; for the end-to-end stage it is whole on its device in `dtype`."""
+    model = MMRecModel.from_pretrained(options.student, device=device, dtype=dtype)
     for i in range(layers):
-        model.blocks[i].load_state_dict(load_file(str(work / f"layer-{i}.safetensors")), strict=True)
-    return model.to(device).eval()
+        for name, tensor in map_safetensors(work / f"layer-{i}.safetensors").items():
+            _set_parameter(model.blocks[i], name, tensor.to(device=device, dtype=dtype))
+    return model
 
 
 def _write_output(student: MMRecModel, options: DistillOptions, teacher_root: Path, report: dict) -> None:
