@@ -32,6 +32,9 @@ def distill(
     seed: int = typer.Option(0, "--seed", help="Seed of the data order and sampling."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda if there)."),
     memory_budget: str = typer.Option("2GB", "--memory-budget", help="Activations beyond this go to memory-mapped files."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Train layers as dask tasks on a LocalCluster of N worker processes."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Train layers as dask tasks on the cluster at ADDRESS."),
+    scheduler_file: Optional[Path] = typer.Option(None, "--scheduler-file", help="... or on the cluster this file describes."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last finished layer."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier run in --output."),
     stop_after_layer: Optional[int] = typer.Option(None, "--stop-after-layer", hidden=True,
@@ -65,13 +68,16 @@ def distill(
 
     with clean_errors(debug):
         from mmrec.streaming.distill.run import DistillOptions, DistillRefused
+        from mmrec.streaming.graph import SchedulerChoice
         from mmrec.streaming.distill.run import distill as run
 
         options = DistillOptions(
             teacher=teacher, student=student, data=data, output=output, tokens=tokens, seq_len=seq_len,
             stages=stages, mixer_steps=mixer_steps, block_steps=block_steps, e2e_steps=e2e_steps,
             batch_size=batch_size, lr=lr, e2e_lr=e2e_lr, top_k=top_k, seed=seed, device=device,
-            memory_budget=memory_budget, resume=resume, overwrite=overwrite, stop_after_layer=stop_after_layer)
+            memory_budget=memory_budget, resume=resume,
+            scheduler=SchedulerChoice(workers=workers, address=scheduler,
+                                      scheduler_file=str(scheduler_file) if scheduler_file else None), overwrite=overwrite, stop_after_layer=stop_after_layer)
         try:
             options.validate()
         except ValueError as exc:

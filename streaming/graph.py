@@ -151,7 +151,10 @@ class Executor:
 
     def run(self, graph: dict, keys: GraphKeys, on_done: Callable[[str, object], None]) -> dict[str, object]:
         """Run every task; on_done(key, result) is called here as each write/checksum/seal ends."""
-        wanted = [*keys.writes, *keys.checksums, *keys.seals]
+        return self.run_tasks(graph, [*keys.writes, *keys.checksums, *keys.seals], on_done)
+
+    def run_tasks(self, graph: dict, wanted: list[str], on_done: Callable[[str, object], None]) -> dict[str, object]:
+        """Compute the `wanted` keys of any dask graph; on_done(key, result) here as each one ends."""
         if not wanted:
             return {}
         if self.client is None:

@@ -37,6 +37,10 @@ class ActivationSpace:
         self._files[id(tensor)] = path
         return tensor
 
+    def path_of(self, tensor: torch.Tensor) -> Path:
+        """The file behind a spilled tensor."""
+        return self._files[id(tensor)]
+
     def release(self, tensor: torch.Tensor) -> None:
         """Give a tensor's RAM back to the budget, or remove its file (the map lives until the tensor dies)."""
         self.used -= self._in_ram.pop(id(tensor), 0)

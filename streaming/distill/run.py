@@ -32,6 +32,7 @@ from mmrec.training.data import TOKENIZER_FILES, load_tokenizer, read_documents,
 from mmrec.training.device import resolve_device
 from mmrec.training.errors import DataError, TrainingError
 
+from ..graph import SchedulerChoice
 from .activations import ActivationSpace
 from .end_to_end import heldout_kl, train_end_to_end
 from .layerwise import LayerwiseSettings, stage_error, train_stage
@@ -68,6 +69,7 @@ class DistillOptions:
     heldout_sequences: int = 0     # 0: 5% of the sequences, at least 1 (scored, never trained on)
     device: str | None = None
     memory_budget: str = "2GB"     # activations beyond this go to memory-mapped files
+    scheduler: SchedulerChoice = dataclasses.field(default_factory=SchedulerChoice)  # layers as dask tasks
     resume: bool = False
     overwrite: bool = False
     stop_after_layer: int | None = None  # testing: stop after this layer as if killed
@@ -190,12 +192,112 @@ def _save_block(block: torch.nn.Module, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _load_block(config, stored, layer: int, device) -> MMRecBlock:
+def _load_block(stored: LazyStateDict, layer: int, device) -> MMRecBlock:
     """Block `layer` of the converted student, alone, in float32 on `device`."""
-    block = MMRecBlock(config)
+    block = MMRecBlock(stored.config)
     block.load_state_dict({name: stored[f"blocks.{layer}.{name}"].float() for name, _ in block.named_parameters()},
                           strict=True)
     return block.to(device).eval()
+
+
+# -- layers ----------------------------------------------------------------------------------------------
+def _teacher_layer(teacher, i: int, x: torch.Tensor, attn: torch.Tensor, y: torch.Tensor, batch: int) -> None:
+    """Teacher layer i (alone in memory) on every sequence of x: its attention output and its output."""
+    with teacher.layer(i) as layer:
+        for a in range(0, x.shape[0], batch):
+            out, branch = teacher.run_layer(layer, x[a:a + batch])
+            y[a:a + batch], attn[a:a + batch] = out.float().cpu(), branch.float().cpu()
+
+
+def train_layer(i: int, x: torch.Tensor, attn: torch.Tensor, y: torch.Tensor, job: dict, layer_file: Path,
+                report: Callable[[dict], None]) -> dict:
+    """Student block i trained on the teacher's (input, attention output, output) of layer i, written to
+    `layer_file`; returns its report entry. Everything it needs is in its arguments, so it runs as well in
+    this process as in a dask worker."""
+    began = time.monotonic()
+    stored = LazyStateDict(job["student"])
+    device = _layer_device(job["device"], i)
+    block = _load_block(stored, i, device)
+    n, batch = job["n_train"], job["batch"]
+    targets = {"mixer": attn, "block": y}
+
+    def errors() -> dict[str, float]:
+        return {s: stage_error(s, block, x[n:], targets[s][n:], device, batch) for s in ("mixer", "block")}
+
+    before = errors()
+    runs = {stage: train_stage(stage, block, x[:n], targets[stage][:n], i, job["settings"], device, report)
+            for stage in ("mixer", "block")}
+    after = errors()
+    _save_block(block, layer_file)
+    return {"layer": i, "mixer_mse_before": before["mixer"], "mixer_mse_after": after["mixer"],
+            "block_mse_before": before["block"], "block_mse_after": after["block"], "stages": runs,
+            "device": str(device), "seconds": round(time.monotonic() - began, 3)}
+
+
+def _layer_device(name: str, layer: int) -> torch.device:
+    """With several GPUs, layers go round-robin over them (a dask worker per GPU shares the work)."""
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None and torch.cuda.device_count() > 1:
+        return torch.device("cuda", layer % torch.cuda.device_count())
+    return device
+
+
+def _record(journal: dict, work: Path, entry: dict, layers: int, report) -> None:
+    journal["layers"][str(entry["layer"])] = entry
+    _write_json(work / JOURNAL, journal)
+    report({"event": "layer", **entry, "layers": layers})
+
+
+def _layers_in_order(teacher, space, x, journal, work, job, options, report):
+    """One teacher layer and one student block at a time; the next layer starts from the teacher's output."""
+    entries = []
+    for i in range(teacher.num_layers):
+        attn, y = space.tensor(f"attn-{i}", x.shape), space.tensor(f"x-{i + 1}", x.shape)
+        _teacher_layer(teacher, i, x, attn, y, job["batch"])
+        layer_file = work / f"layer-{i}.safetensors"
+        if str(i) in journal["layers"] and layer_file.exists():
+            entries.append(journal["layers"][str(i)])  # finished before an interruption
+        else:
+            entries.append(train_layer(i, x, attn, y, job, layer_file, report))
+            _record(journal, work, entries[-1], teacher.num_layers, report)
+        space.release(x)
+        space.release(attn)
+        x = y
+        if options.stop_after_layer is not None and i >= options.stop_after_layer:
+            raise KeyboardInterrupt(f"stopped after layer {i} (--stop-after-layer)")
+    return entries, x
+
+
+def _layers_on_cluster(teacher, space, x, journal, work, job, options, report):
+    """One streamed teacher pass writes every layer's activations to files; then each unfinished layer is
+    a dask task (workers read the files), so layers train in parallel on a cluster or several GPUs."""
+    from ..graph import Executor
+
+    files = {}
+    for i in range(teacher.num_layers):
+        attn, y = space.tensor(f"attn-{i}", x.shape), space.tensor(f"x-{i + 1}", x.shape)
+        _teacher_layer(teacher, i, x, attn, y, job["batch"])
+        files[i] = (space.path_of(x), space.path_of(attn), space.path_of(y))
+        x = y
+    token = hashlib.sha256(str(work.resolve()).encode()).hexdigest()[:12]
+    graph = {}
+    for i, paths in files.items():
+        layer_file = work / f"layer-{i}.safetensors"
+        if not (str(i) in journal["layers"] and layer_file.exists()):
+            key = f"mmrec-distill-layer-{i}-{token}"
+            graph[key] = (_layer_task, i, [str(p) for p in paths], tuple(x.shape), job, str(layer_file))
+    with Executor(options.scheduler) as executor:
+        executor.run_tasks(graph, list(graph),
+                           lambda key, entry: _record(journal, work, entry, teacher.num_layers, report))
+    return [journal["layers"][str(i)] for i in range(teacher.num_layers)], x
+
+
+def _layer_task(i: int, paths: list[str], shape: tuple, job: dict, layer_file: str) -> dict:
+    """A dask task: train_layer on the activation files of layer i."""
+    import numpy as np
+
+    x, attn, y = (torch.from_numpy(np.memmap(p, dtype=np.float32, mode="c", shape=shape)) for p in paths)
+    return train_layer(i, x, attn, y, job, Path(layer_file), lambda record: None)
 
 
 # -- the run -------------------------------------------------------------------------------------------------
@@ -223,52 +325,20 @@ def distill(options: DistillOptions, progress: Callable[[dict], None] | None = N
     settings = LayerwiseSettings({"mixer": options.mixer_steps if "mixer" in stages else 0,
                                   "block": options.block_steps if "block" in stages else 0},
                                  options.batch_size, options.lr, options.seed)
-    stored = LazyStateDict(options.student)
-    space = ActivationSpace(work / "activations", parse_size(options.memory_budget))
+    space = ActivationSpace(work / "activations",
+                            parse_size(options.memory_budget) if options.scheduler.kind == "threads" else 0)
     N, T, D = sequences.shape[0], options.seq_len, config.model_dim
-    x = space.tensor("x", (N, T, D))
     batch = max(1, options.batch_size)
+    x = space.tensor("x-0", (N, T, D))
     with teacher.embedding_loaded():
         for a in range(0, N, batch):
             x[a:a + batch] = teacher.embed(sequences[a:a + batch]).float().cpu()
-    layer_reports = []
-    for i in range(teacher.num_layers):
-        layer_file = work / f"layer-{i}.safetensors"
-        done = str(i) in journal["layers"] and layer_file.exists()
-        attn, y = space.tensor(f"attn-{i}", (N, T, D)), space.tensor(f"out-{i}", (N, T, D))
-        layer_began = time.monotonic()
-        with teacher.layer(i) as layer:
-            for a in range(0, N, batch):
-                out, branch = teacher.run_layer(layer, x[a:a + batch])
-                y[a:a + batch], attn[a:a + batch] = out.float().cpu(), branch.float().cpu()
-        if done:
-            layer_reports.append(journal["layers"][str(i)])
-        else:
-            block = _load_block(config, stored, i, device)
-            n_train = train_ids.shape[0]
-            before = {s: stage_error(s, block, x[n_train:], (attn if s == "mixer" else y)[n_train:], device, batch)
-                      for s in ("mixer", "block")}
-            runs = {}
-            for stage in ("mixer", "block"):
-                target = attn if stage == "mixer" else y
-                runs[stage] = train_stage(stage, block, x[:n_train], target[:n_train], i, settings, device,
-                                          report_event)
-            after = {s: stage_error(s, block, x[n_train:], (attn if s == "mixer" else y)[n_train:], device, batch)
-                     for s in ("mixer", "block")}
-            _save_block(block, layer_file)
-            entry = {"layer": i, "mixer_mse_before": before["mixer"], "mixer_mse_after": after["mixer"],
-                     "block_mse_before": before["block"], "block_mse_after": after["block"],
-                     "stages": runs, "seconds": round(time.monotonic() - layer_began, 3)}
-            journal["layers"][str(i)] = entry
-            _write_json(work / JOURNAL, journal)
-            layer_reports.append(entry)
-            del block
-        report_event({"event": "layer", **layer_reports[-1], "layers": teacher.num_layers})
-        space.release(x)
-        space.release(attn)
-        x = y
-        if options.stop_after_layer is not None and i >= options.stop_after_layer:
-            raise KeyboardInterrupt(f"stopped after layer {i} (--stop-after-layer)")
+    job = dict(student=str(options.student), n_train=train_ids.shape[0], settings=settings, device=str(device),
+               batch=batch)
+    if options.scheduler.kind == "threads":
+        layer_reports, x = _layers_in_order(teacher, space, x, journal, work, job, options, report_event)
+    else:
+        layer_reports, x = _layers_on_cluster(teacher, space, x, journal, work, job, options, report_event)
     e2e = {"steps": 0}
     student = None
     if "e2e" in stages and options.e2e_steps > 0:
