@@ -278,6 +278,23 @@ def test_resume_after_interruption_gives_identical_bytes(pairs, corpus, tmp_path
     assert first["end_to_end"]["kl_after"] == second["end_to_end"]["kl_after"]
 
 
+def test_layers_as_dask_tasks_on_a_local_cluster_give_the_same_bytes(pairs, corpus, tmp_path):
+    """--workers 2: one teacher pass to files, then each layer a task on a real 2-worker LocalCluster."""
+    from mmrec.streaming.graph import SchedulerChoice
+
+    teacher, student = pairs["llama"]
+    options = dict(teacher=teacher, student=student, data=[corpus["calibration"]], tokens=2048, seq_len=32,
+                   mixer_steps=3, block_steps=3, e2e_steps=2, batch_size=8, top_k=16, seed=5, device="cpu")
+    in_order = distill(DistillOptions(output=tmp_path / "in-order", **options))
+    on_cluster = distill(DistillOptions(output=tmp_path / "cluster", scheduler=SchedulerChoice(workers=2),
+                                        **options))
+    assert [e["block_mse_after"] for e in on_cluster["layers"]] == [e["block_mse_after"] for e in in_order["layers"]]
+    names = model_files(tmp_path / "in-order")
+    assert names and names == model_files(tmp_path / "cluster")
+    for name in names:
+        assert (tmp_path / "cluster" / name).read_bytes() == (tmp_path / "in-order" / name).read_bytes(), name
+
+
 # -- 4. bad inputs: one clear line, a non-zero exit, nothing written ---------------------------------------
 def tiny_tokenizer(texts: list[str], path: Path) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
