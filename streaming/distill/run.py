@@ -183,9 +183,18 @@ def _write_json(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
+def check_finite(module: torch.nn.Module, what: str) -> None:
+    """Never write a non-finite value we computed: one error naming the tensor instead."""
+    for name, param in module.named_parameters():
+        if not bool(torch.isfinite(param).all()):
+            raise TrainingError(f"{what}: {name} has non-finite values after training; nothing was written "
+                                f"(lower --lr / --e2e-lr)")
+
+
 def _save_block(block: torch.nn.Module, path: Path) -> None:
     from safetensors.torch import save_file
 
+    check_finite(block, path.stem)
     tensors = {name: p.detach().cpu().contiguous() for name, p in block.named_parameters()}
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp))
@@ -359,6 +368,7 @@ def distill(options: DistillOptions, progress: Callable[[dict], None] | None = N
                    kl_after=heldout_kl(student, held_ids, top_values[n_train:], top_index[n_train:], device, batch))
         if e2e["skipped_steps"] == e2e["steps"]:
             raise TrainingError("end-to-end distillation: every step had a non-finite loss or gradient")
+        check_finite(student, "end-to-end distillation")
     report = {"teacher": str(options.teacher), "student": str(options.student), "output": str(options.output),
               "device": str(device), "settings": options.settings(), "calibration_sequences": N,
               "calibration_tokens": N * T, "heldout_sequences": held, "layers": layer_reports,
