@@ -159,7 +159,7 @@ def compute_bound(src: Path, conv: Path, sequences: int, seq_len: int, budget: i
     teacher_layer_params = sum(numel(s) for s in layer0.values())
     emb_shape = shapes["model.embed_tokens.weight"][0]
     code = ("import json,sys; from mmrec.checkpoint import checkpoint_files; from mmrec.schema import block_param_shapes;"
-            "_, c = checkpoint_files(sys.argv[1]); s = block_param_shapes(c);"
+            "from pathlib import Path; _, c = checkpoint_files(Path(sys.argv[1])); s = block_param_shapes(c);"
             "print(json.dumps({'model_dim': c.model_dim, 'ffn_dim': c.ffn_dim, 'inner_dim': c.inner_dim,"
             "'num_layers': c.num_layers, 'shapes': s}))")
     info = json.loads(subprocess.run([PY, "-c", code, str(conv)], capture_output=True, text=True,
@@ -228,7 +228,7 @@ def main() -> None:
     src = ensure_source(work)
     conv = ensure_student(work, src)
     data, data_note = ensure_data(work)
-    res.data["data"] = {"path": str(data.relative_to(ROOT)), "note": data_note}
+    res.data["data"] = {"path": str(data), "note": data_note}
     # calibration sequences: min(tokens, available) // seq_len; byte-level tokenizer on 200 lines gives far
     # more than 256 tokens, so N = tokens // seq_len (the report below confirms it when the run finishes).
     n_seq = DISTILL_SETTINGS["tokens"] // DISTILL_SETTINGS["seq_len"]
@@ -284,6 +284,25 @@ def main() -> None:
     log(f"free disk: {free_bytes(work) / GIB:.1f} GiB")
 
 
+NOTES = [
+    "The e2e stage is left out: it holds the whole student on one device in fp32 with gradients and AdamW "
+    "state (~16 B x ~10B parameters of the 7B-derived MM-Rec student, ~160 GB), impossible in 23 GiB.",
+    "With `--layers K` the run stops after K layers through the hidden `--stop-after-layer K-1` (exit 130, "
+    "KeyboardInterrupt): every layer has the same shapes, so the layer-wise peak is reached in the first layers; "
+    "per-layer seconds then come from OUT/.distill/journal.json.",
+    "Not reached by a stopped run, and a risk for a full `--stages mixer,block` run on this machine: after the "
+    "last layer `streaming/distill/run.py::_assemble_student` builds the whole student with `MMRecModel(config)` "
+    "in fp32 on the device (~10B parameters x 4 B, ~40 GB) before `save_pretrained`, even when e2e is not among "
+    "the stages; that step alone exceeds this machine's RAM (diagnosis from the code, not measured here).",
+    "The teacher layer and the student block are not in memory at the same time (the teacher layer is unloaded "
+    "before the block is trained), so the bound, which adds them, has about one teacher layer of headroom.",
+    "The baseline loads the teacher whole with transformers in bf16 (13.5 GB; fp32, which the distillation "
+    "computes in, would be 27 GB and not fit) and clones every parameter so it is resident anonymous memory "
+    "whether or not from_pretrained memory-maps; the child prints its RssAnon/RssFile after from_pretrained "
+    "and after the clone (distill_memory.json, cases.baseline_teacher_bf16.child_report).",
+]
+
+
 # --- report ----------------------------------------------------------------------------------------------
 
 def write_report(data: dict) -> None:
@@ -306,7 +325,7 @@ def write_report(data: dict) -> None:
               f"{mib(p['student_block_fp32_with_grads_and_adamw'])} |",
               f"| activations in RAM: 3 × N={bound['calibration_sequences']} × T={bound['seq_len']} × "
               f"D={bound['student_config']['model_dim']} × 4 B = {bound['activations_total_bytes'] / MIB:.1f} MiB "
-              f"(budget {bound['memory_budget_bytes'] / 1e6:.0f} MB) | {bound['activations_in_ram'] / MIB if 'activations_in_ram' in bound else p['activations_in_ram'] / MIB:.1f} MiB |",
+              f"(budget {bound['memory_budget_bytes'] / 1e6:.0f} MB) | {p['activations_in_ram'] / MIB:.1f} MiB |",
               f"| slack | {mib(p['slack'])} |",
               f"| **bound** | **{mib(bound['bound_bytes'])}** |",
               f"| (separately: the teacher's embedding {bound['teacher_embedding_shape']} fp32, loaded once for the "
@@ -328,6 +347,7 @@ def write_report(data: dict) -> None:
             lines += ["Per-layer seconds (from " + ("the --json report" if d.get("report") else
                                                     "OUT/.distill/journal.json: the run was stopped") + "): " +
                       ", ".join(f"{e['layer']}: {e['seconds']:.1f}" for e in layers), ""]
+    lines += ["## Notes", ""] + [f"- {n}" for n in NOTES] + [""]
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     (OUT_DIR / "RESULTS.md").write_text("\n".join(lines) + "\n")
     plot(data)
