@@ -54,6 +54,9 @@ def _set(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 
 class StreamedTeacher:
+    """The source model, run piece by piece: `embed` (inside `embedding_loaded()`), `run_layer` (inside
+    `layer(i)`), `logits` (inside `head_loaded()`). Outside those blocks no parameter holds memory."""
+
     def __init__(self, catalog, device: torch.device, dtype: torch.dtype = torch.float32):
         try:
             import transformers
@@ -68,8 +71,7 @@ class StreamedTeacher:
             raise TeacherError(f"{catalog.root}/config.json: transformers cannot build this model ({exc})") from None
         config.use_cache = False
         with _parameters_on_meta():
-            self.model = transformers.AutoModelForCausalLM.from_config(config,
-                                                                       dtype=dtype)
+            self.model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
         self.model.eval()
         for module in self.model.modules():  # buffers (rotary tables) to the device; parameters stay on meta
             for name, buffer in module._buffers.items():
