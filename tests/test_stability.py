@@ -74,8 +74,8 @@ def test_the_penalty_pulls_gamma_under_the_limit():
             optimizer.step()
     finally:
         guard.close()
-    # 10 * (0.99 - 9/11)^2, once for each of the two blocks
-    assert penalties[0] == pytest.approx(2 * 10 * (0.99 - DECAY_LIMIT) ** 2, rel=1e-3)
+    # 10 * (0.99 - 9/11)^2 summed over the 32 channels, once for each of the two blocks
+    assert penalties[0] == pytest.approx(2 * 10 * 32 * (0.99 - DECAY_LIMIT) ** 2, rel=1e-3)
     assert len(penalties) < 40 and penalties[-1] < 1e-6
     assert max_gamma(model, batch) < DECAY_LIMIT + 1e-3
 
