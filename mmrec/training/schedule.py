@@ -24,3 +24,16 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: tor
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
+
+
+def guarded_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, grad_clip: float) -> bool:
+    """Backward, clip the gradients of what the optimizer trains, and step only when the loss and the
+    gradient norm are finite (a non-finite step is skipped, never applied). True when the step was applied."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip) if params else torch.zeros(())
+    if math.isfinite(float(loss.detach())) and math.isfinite(float(norm)):
+        optimizer.step()
+        return True
+    return False

@@ -9,7 +9,6 @@ the teacher's pass.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Callable
 
@@ -17,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from mmrec.training.device import autocast
-from mmrec.training.schedule import lr_at, make_optimizer
+from mmrec.training.schedule import guarded_step, lr_at, make_optimizer
 from mmrec.training.stability import DecayGuard
 
 
@@ -68,12 +67,7 @@ def train_end_to_end(model, ids: torch.Tensor, top_values: torch.Tensor, top_ind
                 logits, _ = model(ids[picks].to(device))
             loss = topk_kl(logits, top_values[picks].to(device), top_index[picks].to(device))
             total = loss + guard.penalty()
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            if math.isfinite(float(total.detach())) and math.isfinite(float(norm)):
-                optimizer.step()
-            else:
+            if not guarded_step(optimizer, total, grad_clip):
                 skipped += 1
             losses.append(float(loss.detach()))
             elapsed = time.monotonic() - began

@@ -12,14 +12,13 @@ decay penalty of mmrec.training.stability keeps the carried state bounded over s
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from typing import Callable
 
 import torch
 from torch import nn
 
-from mmrec.training.schedule import lr_at, make_optimizer
+from mmrec.training.schedule import guarded_step, lr_at, make_optimizer
 from mmrec.training.stability import DecayGuard
 
 FFN_PARTS = ("ffn.", "ffn_gate.", "norm2.")
@@ -88,7 +87,7 @@ def train_stage(stage: str, block: nn.Module, x: torch.Tensor, target: torch.Ten
     torch.manual_seed(_stage_seed(settings.seed, layer, stage))
     tap, guard = MixerTap(block), DecayGuard([block])
     warmup = max(1, steps // 10)
-    losses, began = [], time.monotonic()
+    losses, skipped, began = [], 0, time.monotonic()
     tokens_per_step = settings.batch_size * x.shape[1]
     try:
         for step in range(steps):
@@ -98,12 +97,8 @@ def train_stage(stage: str, block: nn.Module, x: torch.Tensor, target: torch.Ten
                 group["lr"] = lr_at(step, warmup, steps, settings.lr, 0.1)
             loss = relative_mse(_prediction(stage, block, tap, xb), tb)
             total = loss + guard.penalty()
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            norm = torch.nn.utils.clip_grad_norm_([p for p in block.parameters() if p.requires_grad],
-                                                  settings.grad_clip)
-            if math.isfinite(float(total.detach())) and math.isfinite(float(norm)):
-                optimizer.step()  # a non-finite step is skipped, never applied
+            if not guarded_step(optimizer, total, settings.grad_clip):
+                skipped += 1
             losses.append(float(loss.detach()))
             elapsed = time.monotonic() - began
             report({"event": "step", "layer": layer, "stage": stage, "step": step + 1, "steps": steps,
@@ -114,7 +109,7 @@ def train_stage(stage: str, block: nn.Module, x: torch.Tensor, target: torch.Ten
         guard.close()
         for param in block.parameters():
             param.requires_grad_(True)
-    return {"steps": steps, "first_loss": losses[0], "last_loss": losses[-1],
+    return {"steps": steps, "first_loss": losses[0], "last_loss": losses[-1], "skipped_steps": skipped,
             "tokens": steps * tokens_per_step, "seconds": round(time.monotonic() - began, 3)}
 
 
