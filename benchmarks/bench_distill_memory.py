@@ -294,8 +294,17 @@ NOTES = [
     "last layer `streaming/distill/run.py::_assemble_student` builds the whole student with `MMRecModel(config)` "
     "in fp32 on the device (~10B parameters x 4 B, ~40 GB) before `save_pretrained`, even when e2e is not among "
     "the stages; that step alone exceeds this machine's RAM (diagnosis from the code, not measured here).",
-    "The teacher layer and the student block are not in memory at the same time (the teacher layer is unloaded "
-    "before the block is trained), so the bound, which adds them, has about one teacher layer of headroom.",
+    "The teacher layer and the student block are never in memory at the same time (the teacher layer is "
+    "unloaded before the block is trained), yet the measured margin is small (first run: peak 5,777 MiB vs bound "
+    "5,921 MiB, 144 MiB). The peak recurs once per layer, in the block's training steps (per-layer peaks 5,680 / 5,750 / "
+    "5,777 / 5,742 MiB for layers 0-3: flat, no growth): the block's 4,625 MiB of "
+    "weights/grads/moments plus ~1.15 GiB of everything else (Python + torch + transformers runtime, the "
+    "meta-device teacher, autograd activations of the 300M-parameter block, allocator slack). So the unused "
+    "teacher-layer term plus the 512 MiB slack is what absorbs the runtime; the bound has little headroom.",
+    "The baseline's child report shows transformers 5's from_pretrained memory-maps a bf16 safetensors source: "
+    "RssAnon ~254 MiB right after loading, 13.1 GiB once every parameter is cloned (made resident).",
+    "Setup, unmeasured: `mmrec synth --preset 7b` took ~2 min; `mmrec shard-convert` of it took 470.6 s "
+    "(68.7 MB/s; partly overlapping small test runs), not the ~70 s expected.",
     "The baseline loads the teacher whole with transformers in bf16 (13.5 GB; fp32, which the distillation "
     "computes in, would be 27 GB and not fit) and clones every parameter so it is resident anonymous memory "
     "whether or not from_pretrained memory-maps; the child prints its RssAnon/RssFile after from_pretrained "
