@@ -290,10 +290,9 @@ NOTES = [
     "With `--layers K` the run stops after K layers through the hidden `--stop-after-layer K-1` (exit 130, "
     "KeyboardInterrupt): every layer has the same shapes, so the layer-wise peak is reached in the first layers; "
     "per-layer seconds then come from OUT/.distill/journal.json.",
-    "Not reached by a stopped run, and a risk for a full `--stages mixer,block` run on this machine: after the "
-    "last layer `streaming/distill/run.py::_assemble_student` builds the whole student with `MMRecModel(config)` "
-    "in fp32 on the device (~10B parameters x 4 B, ~40 GB) before `save_pretrained`, even when e2e is not among "
-    "the stages; that step alone exceeds this machine's RAM (diagnosis from the code, not measured here).",
+    "Without the e2e stage the output is assembled from memory-map views of the student and of the layer files "
+    "(`streaming/distill/run.py::_student_with_blocks`) and written tensor by tensor, so writing a 7B-derived "
+    "student needs no RAM for the model; only a run of all layers (`--layers 0`) reaches that step.",
     "The teacher layer and the student block are never in memory at the same time (the teacher layer is "
     "unloaded before the block is trained), yet the measured margin is small (first run: peak 5,777 MiB vs bound "
     "5,921 MiB, 144 MiB). The peak recurs once per layer, in the block's training steps (per-layer peaks 5,680 / 5,750 / "
