@@ -1,6 +1,6 @@
 """Keeping MM-Rec's carried state bounded while training (fine-tuning and distillation alike).
 
-The recurrence multiplies h_{t-1} by (1.1·γ + 0.1 − 0.1·g) (MMREC_SPEC.md step 3). With γ and g free, that
+The recurrence multiplies h_{t-1} by (1.1·γ + 0.1 − 0.1·g) (docs/mmrec-v1.md, forward step 3). With γ and g free, that
 factor reaches 1.2, and where it stays above 1 the state grows geometrically over a long stream until
 gradients (then values) stop being finite; short training windows never see it. The factor is at most 1
 for every gate value g exactly when γ ≤ 9/11, so training adds a penalty on γ above that bound: the

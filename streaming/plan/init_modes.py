@@ -25,7 +25,7 @@ from typing import ClassVar
 from .mapping import MapEntry
 from .model import SCORE_PARTIAL, PlanError, TensorPlan
 
-VALUE_SCALE = 10.0  # the block adds 0.1 · v (MMREC_SPEC.md step 5); W_v = 10 · o · v undoes the 0.1
+VALUE_SCALE = 10.0  # the block adds 0.1 · v (docs/mmrec-v1.md, forward step 5); W_v = 10 · o · v undoes the 0.1
 # The mixer's paths into the residual stream: h (through W_z), 0.1 · v (W_v), the memory context c (W_o).
 NEW_RESIDUAL_PATHS = ("W_z.weight", "W_z.bias", "W_v.weight", "W_v.bias")  # zeroed when the mapping leaves them new
 MEMORY_OUTPUT = ("multi_mem_attention.W_o.weight", "multi_mem_attention.W_o.bias")  # zeroed always
