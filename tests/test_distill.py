@@ -278,6 +278,20 @@ def test_resume_after_interruption_gives_identical_bytes(pairs, corpus, tmp_path
     assert first["end_to_end"]["kl_after"] == second["end_to_end"]["kl_after"]
 
 
+def test_resume_with_other_settings_or_inputs_is_refused(pairs, corpus, tmp_path):
+    from mmrec.streaming.distill.run import DistillRefused
+
+    teacher, student = pairs["llama"]
+    options = dict(teacher=teacher, student=student, data=[corpus["calibration"]], output=tmp_path / "out",
+                   tokens=1024, seq_len=32, mixer_steps=1, block_steps=1, e2e_steps=1, batch_size=4, device="cpu")
+    with pytest.raises(KeyboardInterrupt):
+        distill(DistillOptions(stop_after_layer=0, **options))
+    for changed in ({"seed": 1}, {"lr": 5e-4}, {"data": [corpus["calibration"], corpus["calibration"]]}):
+        with pytest.raises(DistillRefused, match="other settings"):
+            distill(DistillOptions(resume=True, **{**options, **changed}))
+    assert not (tmp_path / "out" / REPORT).exists()
+
+
 def test_layers_as_dask_tasks_on_a_local_cluster_give_the_same_bytes(pairs, corpus, tmp_path):
     """--workers 2: one teacher pass to files, then each layer a task on a real 2-worker LocalCluster."""
     from mmrec.streaming.graph import SchedulerChoice

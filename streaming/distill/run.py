@@ -104,8 +104,11 @@ class DistillOptions:
             raise DataError("no calibration data: give --data FILE (.txt or .jsonl) at least once")
 
     def settings(self) -> dict[str, Any]:
+        """What defines the run: a --resume with any of it changed is refused."""
         values = dataclasses.asdict(self)
-        return {name: values[name] for name in RUN_SETTINGS}
+        inputs = {"teacher": str(self.teacher.resolve()), "student": str(self.student.resolve()),
+                  "data": [str(p.resolve()) for p in self.data]}
+        return {**inputs, **{name: values[name] for name in RUN_SETTINGS}}
 
 
 # -- inputs --------------------------------------------------------------------------------------------
