@@ -79,8 +79,7 @@ def train_stage(stage: str, block: nn.Module, x: torch.Tensor, target: torch.Ten
     steps = settings.steps.get(stage, 0)
     if steps <= 0:
         return {"steps": 0}
-    trainable = [(n, p) for n, p in block.named_parameters()]
-    for name, param in trainable:
+    for name, param in block.named_parameters():  # the mixer stage leaves the FFN (copied from the source) as is
         param.requires_grad_(stage == "block" or not name.startswith(FFN_PARTS))
     optimizer = make_optimizer(block, settings.lr, 0.0, device)
     generator = torch.Generator().manual_seed(_stage_seed(settings.seed, layer, stage))
