@@ -210,6 +210,7 @@ def test_distillation_lowers_layer_errors_and_heldout_loss(family, pairs, corpus
 
     assert json.loads((out / REPORT).read_text()) == report
     assert not (out / ".distill" / "activations").exists()  # scratch space goes once the output is whole
+    assert not list((out / ".distill").glob("layer-*.safetensors")) and (out / ".distill" / "journal.json").exists()
     assert report["calibration_tokens"] == 8192 and len(report["layers"]) == 2
     for layer in report["layers"]:
         for stage in ("mixer", "block"):

@@ -32,7 +32,7 @@ from mmrec.training.data import TOKENIZER_FILES, load_tokenizer, read_documents,
 from mmrec.training.device import resolve_device
 from mmrec.training.errors import DataError, TrainingError
 
-from ..graph import SchedulerChoice
+from ..graph import SchedulerChoice, return_freed_memory_promptly
 from .activations import ActivationSpace
 from .end_to_end import heldout_kl, train_end_to_end
 from .layerwise import LayerwiseSettings, stage_error, train_stage
@@ -194,11 +194,12 @@ def check_finite(module: torch.nn.Module, what: str) -> None:
                                 f"(lower --lr / --e2e-lr)")
 
 
-def _save_block(block: torch.nn.Module, path: Path) -> None:
+def _save_block(block: torch.nn.Module, path: Path, dtype: torch.dtype) -> None:
+    """A trained block, in the student's own dtype (what the output will hold; half the disk of float32)."""
     from safetensors.torch import save_file
 
     check_finite(block, path.stem)
-    tensors = {name: p.detach().cpu().contiguous() for name, p in block.named_parameters()}
+    tensors = {name: p.detach().to("cpu", dtype).contiguous() for name, p in block.named_parameters()}
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp))
     os.replace(tmp, path)
@@ -240,7 +241,7 @@ def train_layer(i: int, x: torch.Tensor, attn: torch.Tensor, y: torch.Tensor, jo
     runs = {stage: train_stage(stage, block, x[:n], targets[stage][:n], i, job["settings"], device, report)
             for stage in ("mixer", "block")}
     after = errors()
-    _save_block(block, layer_file)
+    _save_block(block, layer_file, stored_dtype(stored))
     return {"layer": i, "mixer_mse_before": before["mixer"], "mixer_mse_after": after["mixer"],
             "block_mse_before": before["block"], "block_mse_after": after["block"], "stages": runs,
             "device": str(device), "seconds": round(time.monotonic() - began, 3)}
@@ -319,6 +320,7 @@ def distill(options: DistillOptions, progress: Callable[[dict], None] | None = N
     from .teacher import StreamedTeacher
 
     options.validate()
+    return_freed_memory_promptly()  # freed blocks leave the process: peak memory stays flat across layers
     report_event = progress or (lambda record: None)
     began = time.monotonic()
     device = resolve_device(options.device)
@@ -397,8 +399,7 @@ def _student_with_blocks(options: DistillOptions, work: Path, layers: int, devic
 def _write_output(student: MMRecModel, options: DistillOptions, teacher_root: Path, report: dict) -> None:
     """Model files, then tokenizer files, then the report: a directory without the report is unfinished."""
     out = options.output
-    stored_dtype = _stored_dtype(options.student)
-    save_pretrained(student, out, max_shard_size="5GB", dtype=stored_dtype)
+    save_pretrained(student, out, max_shard_size="5GB", dtype=stored_dtype(LazyStateDict(options.student)))
     student_dir = options.student if options.student.is_dir() else options.student.parent
     for name in TOKENIZER_FILES:
         for folder in (student_dir, teacher_root):
@@ -406,10 +407,12 @@ def _write_output(student: MMRecModel, options: DistillOptions, teacher_root: Pa
                 shutil.copyfile(folder / name, out / name)
                 break
     _write_json(out / REPORT, report)
+    # The journal stays (what was done); activations and blocks, now in the model files, go.
     shutil.rmtree(out / WORK_DIR / "activations", ignore_errors=True)
+    for layer_file in (out / WORK_DIR).glob("layer-*.safetensors"):
+        layer_file.unlink()
 
 
-def _stored_dtype(student: Path) -> torch.dtype:
-    stored = LazyStateDict(student)
-    first = next(iter(stored))
-    return stored[first].dtype
+def stored_dtype(stored: LazyStateDict) -> torch.dtype:
+    """The dtype the student's checkpoint stores (its first tensor's)."""
+    return stored[next(iter(stored))].dtype
