@@ -53,7 +53,6 @@ def train_end_to_end(model, ids: torch.Tensor, top_values: torch.Tensor, top_ind
             module.p = 0.0
     optimizer = make_optimizer(model, lr, 0.0, device)
     generator = torch.Generator().manual_seed(seed * 7919 + 17)
-    torch.manual_seed(seed * 7919 + 17)
     guard = DecayGuard(list(model.blocks))
     warmup = max(1, steps // 10)
     losses, skipped, began = [], 0, time.monotonic()

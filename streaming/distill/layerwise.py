@@ -83,7 +83,6 @@ def train_stage(stage: str, block: nn.Module, x: torch.Tensor, target: torch.Ten
         param.requires_grad_(stage == "block" or not name.startswith(FFN_PARTS))
     optimizer = make_optimizer(block, settings.lr, 0.0, device)
     generator = torch.Generator().manual_seed(_stage_seed(settings.seed, layer, stage))
-    torch.manual_seed(_stage_seed(settings.seed, layer, stage))
     tap, guard = MixerTap(block), DecayGuard([block])
     warmup = max(1, steps // 10)
     losses, skipped, began = [], 0, time.monotonic()

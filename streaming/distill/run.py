@@ -31,6 +31,7 @@ from mmrec.model import MMRecBlock, MMRecModel
 from mmrec.training.data import TOKENIZER_FILES, load_tokenizer, read_documents, tokenize_documents
 from mmrec.training.device import resolve_device
 from mmrec.training.errors import DataError, TrainingError
+from mmrec.training.outputs import write_json
 
 from ..graph import SchedulerChoice, return_freed_memory_promptly
 from .activations import ActivationSpace
@@ -128,6 +129,9 @@ def _check_pair(teacher, config, options: DistillOptions) -> None:
         if want != got:
             raise DataError(f"--student {options.student}: its {field} is {got}, the teacher's is {want}; "
                             f"distill a conversion of this teacher (same layers and width)")
+    if options.seq_len > config.memory_segment_len:
+        raise DataError(f"--seq-len {options.seq_len} is longer than the student's memory_segment_len "
+                        f"{config.memory_segment_len}: calibration sequences must fit between memory writes")
     if config.vocab_size < t.vocab_size:
         raise DataError(f"--student {options.student}: vocab_size {config.vocab_size} is smaller than the "
                         f"teacher's {t.vocab_size}")
@@ -166,6 +170,7 @@ def _prepare_output(options: DistillOptions) -> dict:
         if journal.get("settings") != options.settings():
             changed = sorted(k for k in options.settings() if journal["settings"].get(k) != options.settings()[k])
             raise DistillRefused(f"--resume: {out} was started with other settings ({', '.join(changed)})")
+        (out / REPORT).unlink(missing_ok=True)  # the model files may be rewritten: no longer complete
         return journal
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not options.overwrite:
@@ -176,21 +181,17 @@ def _prepare_output(options: DistillOptions) -> dict:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     journal = {"settings": options.settings(), "layers": {}}
-    _write_json(journal_path, journal)
+    write_json(journal_path, journal)
     return journal
 
 
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
-def check_finite(module: torch.nn.Module, what: str) -> None:
-    """Never write a non-finite value we computed: one error naming the tensor instead."""
+def check_finite(module: torch.nn.Module, what: str, dtype: torch.dtype | None = None) -> None:
+    """Never write a non-finite value we computed (checked in the dtype it will be stored in): one error
+    naming the tensor instead."""
     for name, param in module.named_parameters():
-        if not bool(torch.isfinite(param).all()):
-            raise TrainingError(f"{what}: {name} has non-finite values after training; nothing was written "
+        if not bool(torch.isfinite(param.detach().to(dtype or param.dtype)).all()):
+            raise TrainingError(f"{what}: {name} has non-finite values after training"
+                                f"{f' once stored as {dtype}' if dtype else ''}; nothing was written "
                                 f"(lower --lr / --e2e-lr)")
 
 
@@ -198,7 +199,7 @@ def _save_block(block: torch.nn.Module, path: Path, dtype: torch.dtype) -> None:
     """A trained block, in the student's own dtype (what the output will hold; half the disk of float32)."""
     from safetensors.torch import save_file
 
-    check_finite(block, path.stem)
+    check_finite(block, path.stem, dtype)
     tensors = {name: p.detach().to("cpu", dtype).contiguous() for name, p in block.named_parameters()}
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp))
@@ -257,7 +258,7 @@ def _layer_device(name: str, layer: int) -> torch.device:
 
 def _record(journal: dict, work: Path, entry: dict, layers: int, report) -> None:
     journal["layers"][str(entry["layer"])] = entry
-    _write_json(work / JOURNAL, journal)
+    write_json(work / JOURNAL, journal)
     report({"event": "layer", **entry, "layers": layers})
 
 
@@ -331,7 +332,7 @@ def distill(options: DistillOptions, progress: Callable[[dict], None] | None = N
     tokenizer = _tokenizer(options, catalog.root)
     sequences = calibration_sequences(options, tokenizer, teacher.config.vocab_size)
     journal = _prepare_output(options)
-    work = options.output / WORK_DIR
+    work = (options.output / WORK_DIR).resolve()  # absolute: dask workers may run elsewhere
     held = options.heldout_sequences or max(1, sequences.shape[0] // 20)
     held = min(held, sequences.shape[0] - 1)
     train_ids, held_ids = sequences[:-held], sequences[-held:]
@@ -342,12 +343,12 @@ def distill(options: DistillOptions, progress: Callable[[dict], None] | None = N
     space = ActivationSpace(work / "activations",
                             parse_size(options.memory_budget) if options.scheduler.kind == "threads" else 0)
     N, T, D = sequences.shape[0], options.seq_len, config.model_dim
-    batch = max(1, options.batch_size)
+    batch = options.batch_size
     x = space.tensor("x-0", (N, T, D))
     with teacher.embedding_loaded():
         for a in range(0, N, batch):
             x[a:a + batch] = teacher.embed(sequences[a:a + batch]).float().cpu()
-    job = dict(student=str(options.student), n_train=train_ids.shape[0], settings=settings, device=str(device),
+    job = dict(student=str(options.student.resolve()), n_train=train_ids.shape[0], settings=settings, device=str(device),
                batch=batch)
     if options.scheduler.kind == "threads":
         layer_reports, x = _layers_in_order(teacher, space, x, journal, work, job, options, report_event)
@@ -373,7 +374,7 @@ def distill(options: DistillOptions, progress: Callable[[dict], None] | None = N
                    kl_after=heldout_kl(student, held_ids, top_values[n_train:], top_index[n_train:], device, batch))
         if e2e["skipped_steps"] == e2e["steps"]:
             raise TrainingError("end-to-end distillation: every step had a non-finite loss or gradient")
-        check_finite(student, "end-to-end distillation")
+        check_finite(student, "end-to-end distillation", stored_dtype(LazyStateDict(options.student)))
     report = {"teacher": str(options.teacher), "student": str(options.student), "output": str(options.output),
               "device": str(device), "settings": options.settings(), "calibration_sequences": N,
               "calibration_tokens": N * T, "heldout_sequences": held, "layers": layer_reports,
@@ -406,7 +407,7 @@ def _write_output(student: MMRecModel, options: DistillOptions, teacher_root: Pa
             if (folder / name).is_file():
                 shutil.copyfile(folder / name, out / name)
                 break
-    _write_json(out / REPORT, report)
+    write_json(out / REPORT, report)
     # The journal stays (what was done); activations and blocks, now in the model files, go.
     shutil.rmtree(out / WORK_DIR / "activations", ignore_errors=True)
     for layer_file in (out / WORK_DIR).glob("layer-*.safetensors"):

@@ -84,14 +84,15 @@ class StreamedTeacher:
         if self.final_norm is None:
             raise TeacherError(f"{config.model_type}: no final norm found (looked for {FINAL_NORM_NAMES})")
         self.head = self.model.get_output_embeddings()
-        # Names are fixed here, once: loading and unloading replace the Parameter objects.
-        names = {id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)}
-        self._embedding_name = names[id(self.model.get_input_embeddings().weight)]
-        self._head_name = names[id(self.head.weight)]
-        self._norm_prefix = next(n for n, m in self.model.named_modules() if m is self.final_norm)
+        # Names are fixed here, once, from module paths (loading replaces Parameter objects, and a tied head
+        # shares its Parameter with the embedding, so ids name neither reliably).
+        module_name = {id(m): n for n, m in self.model.named_modules()}
+        self._embedding_name = f"{module_name[id(self.model.get_input_embeddings())]}.weight"
+        head_prefix = module_name[id(self.head)]
+        self._head_name = f"{head_prefix}.weight"
+        self._norm_prefix = module_name[id(self.final_norm)]
         self._head_side = {f"{self._norm_prefix}.{n}" for n, _ in self.final_norm.named_parameters()}
-        self._head_side |= {f"{self._head_name.rpartition('.')[0]}.{n}".lstrip(".")
-                            for n, _ in self.head.named_parameters()}
+        self._head_side |= {f"{head_prefix}.{n}" for n, _ in self.head.named_parameters(remove_duplicate=False)}
         self._layer_kwargs: dict[tuple[int, int], dict[str, Any]] = {}
 
     @property

@@ -75,7 +75,13 @@ class ZeroMixer(InitMode):
             suffix = _block_suffix(tp.name)
             return suffix in MEMORY_OUTPUT or (tp.kind == "init" and suffix in NEW_RESIDUAL_PATHS)
 
-        return [_zeros(tp) if zeroed(tp) else tp for tp in tensors]
+        out = []
+        for tp in tensors:
+            if zeroed(tp):
+                planner.reasons.setdefault(tp.name, f"zeroed by --init {self.name}")
+                tp = _zeros(tp)
+            out.append(tp)
+        return out
 
 
 @register
