@@ -113,13 +113,6 @@ class DistillOptions:
 
 
 # -- inputs --------------------------------------------------------------------------------------------
-def _student_config(options: DistillOptions):
-    from mmrec.checkpoint import checkpoint_files
-
-    _, config = checkpoint_files(options.student)
-    return config
-
-
 def _check_pair(teacher, config, options: DistillOptions) -> None:
     """The student must be a conversion of this teacher: same layers, width and vocabulary."""
     t = teacher.config
@@ -256,6 +249,11 @@ def _layer_device(name: str, layer: int) -> torch.device:
     return device
 
 
+def _finished(journal: dict, work: Path, i: int) -> bool:
+    """Layer i was trained by an earlier (interrupted) run: recorded in the journal and its file there."""
+    return str(i) in journal["layers"] and (work / f"layer-{i}.safetensors").exists()
+
+
 def _record(journal: dict, work: Path, entry: dict, layers: int, report) -> None:
     journal["layers"][str(entry["layer"])] = entry
     write_json(work / JOURNAL, journal)
@@ -268,11 +266,10 @@ def _layers_in_order(teacher, space, x, journal, work, job, options, report):
     for i in range(teacher.num_layers):
         attn, y = space.tensor(f"attn-{i}", x.shape), space.tensor(f"x-{i + 1}", x.shape)
         _teacher_layer(teacher, i, x, attn, y, job["batch"])
-        layer_file = work / f"layer-{i}.safetensors"
-        if str(i) in journal["layers"] and layer_file.exists():
-            entries.append(journal["layers"][str(i)])  # finished before an interruption
+        if _finished(journal, work, i):
+            entries.append(journal["layers"][str(i)])
         else:
-            entries.append(train_layer(i, x, attn, y, job, layer_file, report))
+            entries.append(train_layer(i, x, attn, y, job, work / f"layer-{i}.safetensors", report))
             _record(journal, work, entries[-1], teacher.num_layers, report)
         space.release(x)
         space.release(attn)
@@ -296,10 +293,9 @@ def _layers_on_cluster(teacher, space, x, journal, work, job, options, report):
     token = hashlib.sha256(str(work.resolve()).encode()).hexdigest()[:12]
     graph = {}
     for i, paths in files.items():
-        layer_file = work / f"layer-{i}.safetensors"
-        if not (str(i) in journal["layers"] and layer_file.exists()):
-            key = f"mmrec-distill-layer-{i}-{token}"
-            graph[key] = (_layer_task, i, [str(p) for p in paths], tuple(x.shape), job, str(layer_file))
+        if not _finished(journal, work, i):
+            graph[f"mmrec-distill-layer-{i}-{token}"] = (_layer_task, i, [str(p) for p in paths], tuple(x.shape),
+                                                         job, str(work / f"layer-{i}.safetensors"))
     with Executor(options.scheduler) as executor:
         executor.run_tasks(graph, list(graph),
                            lambda key, entry: _record(journal, work, entry, teacher.num_layers, report))
@@ -325,7 +321,8 @@ def distill(options: DistillOptions, progress: Callable[[dict], None] | None = N
     report_event = progress or (lambda record: None)
     began = time.monotonic()
     device = resolve_device(options.device)
-    config = _student_config(options)
+    stored = LazyStateDict(options.student)  # headers only: the config and stored dtype, read once
+    config, student_dtype = stored.config, stored_dtype(stored)
     catalog = open_source(options.teacher)
     teacher = StreamedTeacher(catalog, device)
     _check_pair(teacher, config, options)
@@ -374,7 +371,7 @@ def distill(options: DistillOptions, progress: Callable[[dict], None] | None = N
                    kl_after=heldout_kl(student, held_ids, top_values[n_train:], top_index[n_train:], device, batch))
         if e2e["skipped_steps"] == e2e["steps"]:
             raise TrainingError("end-to-end distillation: every step had a non-finite loss or gradient")
-        check_finite(student, "end-to-end distillation", stored_dtype(LazyStateDict(options.student)))
+        check_finite(student, "end-to-end distillation", student_dtype)
     report = {"teacher": str(options.teacher), "student": str(options.student), "output": str(options.output),
               "device": str(device), "settings": options.settings(), "calibration_sequences": N,
               "calibration_tokens": N * T, "heldout_sequences": held, "layers": layer_reports,
@@ -382,7 +379,7 @@ def distill(options: DistillOptions, progress: Callable[[dict], None] | None = N
               "seconds": round(time.monotonic() - began, 3)}
     if student is None:
         student = _student_with_blocks(options, work, teacher.num_layers, torch.device("cpu"), None)
-    _write_output(student, options, catalog.root, report)
+    _write_output(student, options, catalog.root, report, student_dtype)
     return report
 
 
@@ -397,10 +394,11 @@ def _student_with_blocks(options: DistillOptions, work: Path, layers: int, devic
     return model
 
 
-def _write_output(student: MMRecModel, options: DistillOptions, teacher_root: Path, report: dict) -> None:
+def _write_output(student: MMRecModel, options: DistillOptions, teacher_root: Path, report: dict,
+                  dtype: torch.dtype) -> None:
     """Model files, then tokenizer files, then the report: a directory without the report is unfinished."""
     out = options.output
-    save_pretrained(student, out, max_shard_size="5GB", dtype=stored_dtype(LazyStateDict(options.student)))
+    save_pretrained(student, out, max_shard_size="5GB", dtype=dtype)
     student_dir = options.student if options.student.is_dir() else options.student.parent
     for name in TOKENIZER_FILES:
         for folder in (student_dir, teacher_root):
