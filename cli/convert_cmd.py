@@ -43,7 +43,7 @@ def shard_convert(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Convert a Transformer checkpoint to MM-Rec, streaming one tensor at a time."""
-    from mmrec.checkpoint import parse_size
+    from mmrec.shards import parse_size
     from mmrec.streaming.graph import SchedulerChoice
 
     for option, value in (("--max-shard-size", max_shard_size), ("--memory-budget", memory_budget)):

@@ -44,7 +44,7 @@ def distill(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Distil a converted MM-Rec from its source: per-layer alignment, then end-to-end KL."""
-    from mmrec.checkpoint import parse_size
+    from mmrec.shards import parse_size
 
     try:
         parse_size(memory_budget)

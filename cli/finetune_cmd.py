@@ -52,7 +52,7 @@ def finetune(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Fine-tune an MM-Rec checkpoint on text (.txt / .jsonl): AdamW, warmup + cosine, carried state."""
-    from mmrec.checkpoint import parse_size
+    from mmrec.shards import parse_size
 
     try:
         parse_size(max_shard_size)

@@ -9,9 +9,12 @@ import json
 import time
 from pathlib import Path
 
-from mmrec.checkpoint import INDEX_NAME, parse_size
+from mmrec.shards import INDEX_NAME, parse_size
+
+from mmrec.init import INIT_FORMAT
 
 from .analysis import analyze
+from .checksums import ALGORITHM as CHECKSUM_ALGORITHM
 from .graph import Executor, SchedulerChoice, build_graph
 from .layout import OutputLayout, output_paths, plan_layout
 from .output import OutputState, check_not_inside_source
@@ -76,7 +79,8 @@ def run_identity(plan: ConversionPlan, layout: OutputLayout, catalog) -> dict:
     portable["options"] = {k: v for k, v in portable["options"].items() if k != "mapping_file"}
     digest = hashlib.sha256(json.dumps(portable, sort_keys=True).encode()).hexdigest()
     shards = hashlib.sha256(b"".join(s.header for s in layout.shards)).hexdigest()
-    return {"source": catalog.fingerprint(), "plan": digest, "layout": shards}
+    return {"source": catalog.fingerprint(), "plan": digest, "layout": shards,
+            "format": f"checksums {CHECKSUM_ALGORITHM}, init {INIT_FORMAT}"}
 
 
 def convert(options: ConvertOptions) -> dict:
@@ -120,7 +124,8 @@ def _write_shards(options, plan, layout, catalog, state, keep, executor, run_tok
     checksums = {name: digest for shard in keep for name, digest in journal[shard].items()}
     copies = {tp.name: copy_range(tp, catalog) for tp in plan.tensors}
     graph, keys = build_graph(plan, layout, state.path, todo, str(Path(options.source).resolve()),
-                              fingerprint, chunk_bytes_for(options, executor.concurrency), copies, run_token)
+                              fingerprint, chunk_bytes_for(options, executor.concurrency), copies, run_token,
+                              concurrency=executor.concurrency)
     done_bytes = sum(layout.slots[n].end - layout.slots[n].start for n in checksums)
     progress = Progress(layout.total_tensor_bytes, len(layout.slots), done_bytes, len(checksums),
                         quiet=options.quiet)

@@ -1,17 +1,19 @@
 """Build the dask graph of a conversion from its plan and layout, and run it on the chosen scheduler.
 
-Graph shape, per output shard:  prepare ──► write (one task per row range of each tensor) ──►
-checksum (one per tensor) ──► seal (fsync). Big tensors are split into several row ranges, so parallelism
+Graph shape, per output shard:  prepare ──► write (one task per row range of each tensor; each hashes
+the bytes it writes) ──► checksum (one per tensor: combines its tasks' piece digests) ──► seal (fsync). Big tensors are split into several row ranges, so parallelism
 is not capped by the number of shards; every task passes only metadata.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Callable
 
 from . import tasks
+from .checksums import piece_rows
 from .layout import OutputLayout
 from .plan.model import ConversionPlan
 
@@ -28,12 +30,13 @@ class GraphKeys:
 def build_graph(plan: ConversionPlan, layout: OutputLayout, partial_dir: Path, shards: list[str],
                 source: str, fingerprint: str, chunk_bytes: int,
                 copy_ranges: dict[str, tuple[str, int, int] | None], run_token: str,
-                task_bytes: int = TASK_BYTES) -> tuple[dict, GraphKeys]:
+                task_bytes: int = TASK_BYTES, concurrency: int = 1) -> tuple[dict, GraphKeys]:
     """A low-level dask graph writing the given shards (those a resume has not proven complete).
 
     Every key starts with run_token (unique to this run's identity and output), so two conversions on one
-    shared cluster never share a task.
+    shared cluster never share a task. concurrency: tasks that run at once (sets torch's threads per task).
     """
+    torch_threads = max(1, (os.cpu_count() or 1) // max(1, concurrency))
     graph: dict = {}
     writes, checksums, seals = {}, {}, {}
     by_name = {tp.name: tp for tp in plan.tensors}
@@ -44,24 +47,30 @@ def build_graph(plan: ConversionPlan, layout: OutputLayout, partial_dir: Path, s
         tensor_sums = []
         for name in shard.tensors:
             slot, tp = layout.slots[name], by_name[name]
-            rows_per_task = max(1, task_bytes // max(1, slot.row_bytes))
             write_keys = []
-            for row_start in range(0, max(slot.rows, 1), rows_per_task):
-                row_stop = min(slot.rows, row_start + rows_per_task)
+            for row_start, row_stop in task_row_ranges(slot.rows, slot.row_bytes, task_bytes):
                 key = f"{run_token}-write-{name}-{row_start}"
-                graph[key] = (tasks.write_rows, partial, tp.to_dict(), slot.start, slot.row_bytes, row_start,
-                              row_stop, source, fingerprint, plan.seed, chunk_bytes, copy_ranges.get(name),
-                              prepare_key)
-                writes[key] = (name, (row_stop - row_start) * slot.row_bytes)
+                task = tasks.WriteTask(partial, tp.to_dict(), slot.start, slot.row_bytes, row_start, row_stop,
+                                       source, fingerprint, plan.seed, chunk_bytes, copy_ranges.get(name), torch_threads)
+                graph[key] = (tasks.write_rows, task, prepare_key)
+                writes[key] = (name, task.nbytes)
                 write_keys.append(key)
             sum_key = f"{run_token}-checksum-{name}"
-            graph[sum_key] = (tasks.checksum_range, partial, slot.start, slot.end, write_keys)
+            graph[sum_key] = (tasks.combine_checksums, write_keys)
             checksums[sum_key] = name
             tensor_sums.append(sum_key)
         seal_key = f"{run_token}-seal-{shard.file_name}"
         graph[seal_key] = (tasks.seal_shard, partial, tensor_sums or [prepare_key])
         seals[seal_key] = shard.file_name
     return graph, GraphKeys(writes, checksums, seals)
+
+
+def task_row_ranges(rows: int, row_bytes: int, task_bytes: int = TASK_BYTES) -> list[tuple[int, int]]:
+    """Row ranges of one tensor's write tasks: about task_bytes each, whole checksum pieces (so every
+    task hashes its own pieces), at least one range (an empty tensor still gets its checksum)."""
+    piece = piece_rows(row_bytes)
+    step = piece * max(1, task_bytes // max(1, piece * row_bytes))
+    return [(start, min(rows, start + step)) for start in range(0, max(rows, 1), step)]
 
 
 @dataclasses.dataclass

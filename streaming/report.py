@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from mmrec.init import INIT_FORMAT
+
+from .checksums import ALGORITHM as CHECKSUM_ALGORITHM
 from .plan.model import SCORES, ConversionPlan
 
 
@@ -39,7 +42,8 @@ def build_report(plan: ConversionPlan, checksums: dict[str, str] | None = None,
                               "sources": list(tp.sources), "transforms": list(tp.transforms),
                               "init": tp.init, "score": tp.score, "checksum": checksums.get(tp.name)}
                     for tp in plan.tensors},
-        "checksum_algorithm": "xxh3_128",  # of each tensor's bytes as stored (streaming/tasks.py)
+        "checksum_algorithm": CHECKSUM_ALGORITHM,  # of each tensor's bytes as stored (streaming/checksums.py)
+        "init_format": INIT_FORMAT,  # which definition of converter-made values (mmrec/init.py)
         "timings": dict(timings or {}),
         "warnings": list(plan.warnings),
     }

@@ -4,15 +4,18 @@ open and memory-map the sources themselves, so no tensor data ever travels betwe
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
+import mmap
 import os
 import threading
 
+from .checksums import PieceHasher, combine, piece_rows
 from .plan.model import TensorPlan
 
 _catalog_lock = threading.Lock()
 _catalogs: dict[str, tuple[str, object]] = {}  # source path -> (fingerprint, opened catalog)
-COPY_CHUNK = 64 << 20  # bytes per copy_file_range call and per read-back piece
+COPY_BLOCK = 16 << 20  # bytes hashed and written at a time when copying a source range
 
 
 def worker_catalog(source: str, fingerprint: str):
@@ -64,66 +67,83 @@ def prepare_shard(partial_path: str, header: bytes, size: int) -> str:
     return partial_path
 
 
-def write_rows(partial_path: str, tensor: dict, offset: int, row_bytes: int, row_start: int,
-               row_stop: int, source: str, fingerprint: str, seed: int, chunk_bytes: int,
-               copy_from: tuple[str, int, int] | None, _ready: object = None) -> int:
-    """Write rows [row_start, row_stop) of one output tensor at its offset; returns bytes written.
+@dataclasses.dataclass(frozen=True)
+class WriteTask:
+    """Rows [row_start, row_stop) of one output tensor, written at their offset in a partial shard.
 
-    copy_from = (file, start, end) of a byte-exact source range: copied with os.copy_file_range, never
-    through Python buffers. Otherwise rows are materialized block by block within chunk_bytes.
+    row_start is a checksum piece boundary (checksums.piece_rows), so the task hashes whole pieces.
+    copy_from = (file, start, end) of a byte-exact source range (read once, hashed, written); otherwise
+    rows are materialized block by block within chunk_bytes.
     """
-    with naming_os_errors(partial_path):
-        return _write_rows(partial_path, tensor, offset, row_bytes, row_start, row_stop, source, fingerprint,
-                           seed, chunk_bytes, copy_from)
+
+    partial_path: str
+    tensor: dict  # TensorPlan.to_dict(): plain data, cheap to send to a worker
+    offset: int  # the tensor's first byte in the shard
+    row_bytes: int
+    row_start: int
+    row_stop: int
+    source: str
+    fingerprint: str
+    seed: int
+    chunk_bytes: int
+    copy_from: tuple[str, int, int] | None
+    torch_threads: int = 1  # intra-op threads per task: cores shared by the tasks that run at once
+
+    @property
+    def first_byte(self) -> int:
+        return self.offset + self.row_start * self.row_bytes
+
+    @property
+    def nbytes(self) -> int:
+        return (self.row_stop - self.row_start) * self.row_bytes
 
 
-def _write_rows(partial_path, tensor, offset, row_bytes, row_start, row_stop, source, fingerprint, seed,
-                chunk_bytes, copy_from) -> int:
-    first = offset + row_start * row_bytes
-    nbytes = (row_stop - row_start) * row_bytes
-    fd = os.open(partial_path, os.O_WRONLY)
-    try:
-        if copy_from is not None:
-            _copy_range(copy_from[0], copy_from[1] + row_start * row_bytes, fd, first, nbytes)
-            return nbytes
-        import torch
-
-        from .transforms import materialize_rows, rows_per_block
-
-        plan = TensorPlan.from_dict(tensor)
-        catalog = worker_catalog(source, fingerprint) if plan.sources else None
-        step = rows_per_block(plan, chunk_bytes)
-        for start in range(row_start, row_stop, step):
-            stop = min(row_stop, start + step)
-            block = materialize_rows(plan, catalog, start, stop, seed)
-            data = block.contiguous().reshape(-1).view(torch.uint8).numpy()
-            _pwrite_all(fd, memoryview(data), offset + start * row_bytes)
-    finally:
-        os.close(fd)
-    return nbytes
+def write_rows(task: WriteTask, _ready: object = None) -> list[bytes]:
+    """Write one task's rows; returns the digests of the checksum pieces it covers, in order."""
+    with naming_os_errors(task.partial_path):
+        hasher = PieceHasher(piece_rows(task.row_bytes) * task.row_bytes)
+        fd = os.open(task.partial_path, os.O_WRONLY)
+        try:
+            if task.copy_from is not None:
+                _copy_range(task, fd, hasher)
+            elif _all_zeros(task.tensor):
+                _zero_range(fd, task.first_byte, task.nbytes)
+                hasher.update_zeros(task.nbytes)
+            else:
+                _materialize_range(task, fd, hasher)
+        finally:
+            os.close(fd)
+        return hasher.finish()
 
 
-CHECKSUM_ALGORITHM = "xxh3_128"  # ~14x sha256's speed here: checksums no longer cost a fifth of a run
+def combine_checksums(piece_digests: list[list[bytes]]) -> str:
+    """A tensor's checksum from its write tasks' piece digests (tasks in row order)."""
+    return combine([digest for task_digests in piece_digests for digest in task_digests])
 
 
-def checksum_range(partial_path: str, start: int, end: int, _ready: object = None) -> str:
-    """Checksum (xxh3-128, hex) of bytes [start, end) as they are in the file: read back, so it proves
-    what landed, and independent of how the tensor was split into tasks and blocks."""
-    import xxhash
+def _all_zeros(tensor: dict) -> bool:
+    from mmrec.schema import init_rule
 
-    digest = xxhash.xxh3_128()
-    fd = os.open(partial_path, os.O_RDONLY)
-    try:
-        position = start
-        while position < end:
-            piece = os.pread(fd, min(COPY_CHUNK, end - position), position)
-            if not piece:
-                raise OSError(errno.EIO, f"file ends at byte {position}, expected {end}", partial_path)
-            digest.update(piece)
-            position += len(piece)
-    finally:
-        os.close(fd)
-    return digest.hexdigest()
+    rule = tensor.get("init") or init_rule(tensor["name"], len(tensor["shape"]))
+    return tensor["kind"] == "init" and rule == "zeros"
+
+
+def _materialize_range(task: WriteTask, fd: int, hasher: PieceHasher) -> None:
+    import torch
+
+    from .transforms import row_producer, rows_per_block
+
+    if torch.get_num_threads() != task.torch_threads:
+        torch.set_num_threads(task.torch_threads)  # no oversubscription: other tasks hold the other cores
+    plan = TensorPlan.from_dict(task.tensor)
+    catalog = worker_catalog(task.source, task.fingerprint) if plan.sources else None
+    step = rows_per_block(plan, task.chunk_bytes)
+    produce = row_producer(plan, catalog, task.seed)  # once per task: a product's right operand is reused
+    for start in range(task.row_start, task.row_stop, step):
+        stop = min(task.row_stop, start + step)
+        data = memoryview(produce(start, stop).reshape(-1).view(torch.uint8).numpy())
+        hasher.update(data)
+        _pwrite_all(fd, data, task.offset + start * task.row_bytes)
 
 
 def seal_shard(partial_path: str, _ready: object = None) -> str:
@@ -144,27 +164,56 @@ def _pwrite_all(fd: int, data, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
-def _copy_range(src_path: str, src_offset: int, dst_fd: int, dst_offset: int, nbytes: int) -> None:
+def _copy_range(task: WriteTask, dst_fd: int, hasher: PieceHasher) -> None:
+    """Hash the source range straight from a read-only map of it and write it from there: one copy,
+    page cache to page cache, like copy_file_range, but with the bytes in hand for the checksum."""
+    src_path, src_start, _ = task.copy_from
+    first = src_start + task.row_start * task.row_bytes
+    if task.nbytes == 0:
+        return
+    aligned = first - first % mmap.ALLOCATIONGRANULARITY
     src_fd = os.open(src_path, os.O_RDONLY)
     try:
-        done = 0
-        use_kernel_copy = hasattr(os, "copy_file_range")
-        while done < nbytes:
-            count = min(COPY_CHUNK, nbytes - done)
-            if use_kernel_copy:
-                try:
-                    copied = os.copy_file_range(src_fd, dst_fd, count, src_offset + done, dst_offset + done)
-                except OSError as exc:  # e.g. across filesystems on old kernels: fall back
-                    if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-                        raise
-                    use_kernel_copy = False
-                    continue
-            else:
-                piece = os.pread(src_fd, count, src_offset + done)
-                _pwrite_all(dst_fd, piece, dst_offset + done)
-                copied = len(piece)
-            if copied == 0:
-                raise OSError(errno.EIO, f"source file ends before byte {src_offset + nbytes}", src_path)
-            done += copied
+        if os.fstat(src_fd).st_size < first + task.nbytes:
+            raise OSError(errno.EIO, f"source file ends before byte {first + task.nbytes}", src_path)
+        mapping = mmap.mmap(src_fd, first + task.nbytes - aligned, access=mmap.ACCESS_READ, offset=aligned)
     finally:
         os.close(src_fd)
+    try:
+        mapping.madvise(mmap.MADV_SEQUENTIAL)
+        view = memoryview(mapping)[first - aligned:]
+        try:
+            for done in range(0, task.nbytes, COPY_BLOCK):
+                block = view[done:done + COPY_BLOCK]
+                hasher.update(block)
+                _pwrite_all(dst_fd, block, task.first_byte + done)
+                del block
+        finally:
+            view.release()
+    finally:
+        try:
+            mapping.close()
+        except BufferError:  # a traceback still holds a view of it: the error in flight matters, not this
+            pass
+
+
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+
+
+def _zero_range(fd: int, offset: int, nbytes: int) -> None:
+    """Make bytes [offset, offset + nbytes) zeros without writing them: a hole (free on a fresh file; on a
+    partial file left by an interrupted run it drops stale bytes). Falls back to writing zeros."""
+    if nbytes == 0:
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        if libc.fallocate(fd, _FALLOC_FL_KEEP_SIZE | _FALLOC_FL_PUNCH_HOLE, offset, nbytes) == 0:
+            return
+    except (OSError, AttributeError):
+        pass  # no fallocate (not Linux/glibc) or the filesystem cannot punch holes
+    zeros = bytes(min(COPY_BLOCK, nbytes))
+    for start in range(0, nbytes, len(zeros)):
+        _pwrite_all(fd, memoryview(zeros)[:min(len(zeros), nbytes - start)], offset + start)

@@ -220,7 +220,8 @@ def _chain(catalog, name: str, ops: list[dict]) -> _Rows:
 def _product(catalog, tp) -> _Rows:
     """scale · left · right (an init mode's recipe, e.g. W_v = 10 · o_proj · v_proj), computed in float64
     over fixed PRODUCT_BLOCK_ROWS-row blocks, so the bytes do not depend on how the caller splits the rows.
-    Holds the whole right operand ([K, N]) and one block of left rows at a time."""
+    Holds the whole right operand ([K, N], built on first use and reused by every later call) and one
+    block of left rows at a time."""
     import torch
 
     (op,) = tp.transforms
@@ -228,9 +229,12 @@ def _product(catalog, tp) -> _Rows:
     if len(left.shape) != 2 or len(right.shape) != 2 or left.shape[1] != right.shape[0]:
         raise ValueError(f"{tp.name}: cannot multiply {list(left.shape)} by {list(right.shape)}")
     scale = float(op["scale"])
+    held = []  # the right operand in float64, once
 
     def fn(a: int, b: int):
-        rhs = right.rows(0, right.shape[0]).to(torch.float64)
+        if not held:
+            held.append(right.rows(0, right.shape[0]).to(torch.float64))
+        rhs = held[0]
         lo = a - a % PRODUCT_BLOCK_ROWS
         blocks = [left.rows(i, min(left.shape[0], i + PRODUCT_BLOCK_ROWS)).to(torch.float64) @ rhs
                   for i in range(lo, b, PRODUCT_BLOCK_ROWS)]
@@ -254,21 +258,47 @@ def _pipeline(tp, catalog) -> _Rows:
 
 
 # -- public API -----------------------------------------------------------------------------------------
-def materialize_rows(tp, catalog, start: int, stop: int, seed: int):
-    """Rows [start, stop) along dim 0 of tp's output (elements for 1-D), in tp.dtype, C-contiguous."""
+def row_producer(tp, catalog, seed: int) -> Callable[[int, int], "object"]:
+    """A function giving rows [start, stop) of tp's output (elements for 1-D) in tp.dtype, C-contiguous.
+
+    Build one per task and call it per block: what a recipe holds across blocks (a product's right
+    operand, an init block's buffer) is made once.
+    """
     import torch
 
     rows = tp.shape[0] if tp.shape else 1
-    if not 0 <= start <= stop <= rows:
-        raise ValueError(f"{tp.name}: rows [{start}, {stop}) are outside its {rows} rows")
     out_dtype = getattr(torch, CODE_TO_TORCH_NAME[tp.dtype])
     if tp.kind == "init":
         from mmrec.init import conversion_init
 
-        block = conversion_init(tp.name, tuple(tp.shape), seed, start, stop, rule=tp.init, dtype=out_dtype)
-    else:
-        block = _pipeline(tp, catalog).rows(start, stop)
-    return block.to(out_dtype).contiguous()
+        buffer = []  # one output block, refilled in place (no fresh pages to fault in per block)
+
+        def produce(start: int, stop: int):
+            _check_rows(tp, rows, start, stop)
+            numel = (stop - start) * math.prod(tp.shape[1:])
+            if not buffer or buffer[0].numel() < numel:
+                buffer[:] = [torch.empty(numel, dtype=out_dtype)]
+            out = buffer[0][:numel]
+            return conversion_init(tp.name, tuple(tp.shape), seed, start, stop, rule=tp.init, out=out)
+
+        return produce
+    pipeline = _pipeline(tp, catalog)
+
+    def produce(start: int, stop: int):
+        _check_rows(tp, rows, start, stop)
+        return pipeline.rows(start, stop).to(out_dtype).contiguous()
+
+    return produce
+
+
+def _check_rows(tp, rows: int, start: int, stop: int) -> None:
+    if not 0 <= start <= stop <= rows:
+        raise ValueError(f"{tp.name}: rows [{start}, {stop}) are outside its {rows} rows")
+
+
+def materialize_rows(tp, catalog, start: int, stop: int, seed: int):
+    """Rows [start, stop) along dim 0 of tp's output (elements for 1-D), in tp.dtype, C-contiguous."""
+    return row_producer(tp, catalog, seed)(start, stop)
 
 
 def rows_per_block(tp, budget_bytes: int) -> int:
@@ -277,9 +307,12 @@ def rows_per_block(tp, budget_bytes: int) -> int:
     elems = math.prod(tp.shape[1:]) if len(tp.shape) > 1 else 1
     per_row = elems * DTYPE_SIZES[tp.dtype]
     if tp.kind == "init":
-        per_row += elems * 12  # float64 uniforms and a float32 copy
+        pass  # generated in cache-sized pieces straight into the output block
     elif tp.kind == "transform" and tp.transforms[0]["op"] == PRODUCT_OP:
-        return min(tp.shape[0], PRODUCT_BLOCK_ROWS)  # the right operand is held whole; the left is read a fixed block at a time
+        # float64 left rows and product rows per output row; the right operand is held whole besides
+        per_row += 8 * (elems + elems)  # (the inner dimension is taken to be about the output's width)
+        blocks = max(1, budget_bytes // max(1, per_row * PRODUCT_BLOCK_ROWS))
+        return min(tp.shape[0], blocks * PRODUCT_BLOCK_ROWS)
     elif tp.kind == "transform":
         ops = {op["op"] for op in tp.transforms}
         gathers = ops & {"repeat_kv_heads", "rotary_meta_to_hf", "take_heads"}

@@ -4,7 +4,7 @@ clean run's. (RELIABILITY.md is the table of these faults.)
 
 Kill points are chosen deterministically: the conversion runs in a subprocess whose `os.<call>` is wrapped
 so that its n-th call SIGKILLs the process (or pauses it) just before doing the call, for seeded-random n
-over the calls a clean run makes (copy_file_range: tensor copies, pwrite: headers and computed rows,
+over the calls a clean run makes (fstat: the start of each tensor copy, pwrite: headers, copied and computed rows,
 fsync: run.json, seals, journal lines, commit; replace: the commit's renames).
 """
 
@@ -114,8 +114,8 @@ def clean(small_llama, tmp_path_factory) -> dict[str, bytes]:
 
 # -- SIGKILL at random points, then --resume ----------------------------------------------------------------
 _rng = random.Random(20240607)
-# Calls a clean run makes (measured): copy_file_range 31, pwrite 114, fsync 33, replace 18.
-KILL_POINTS = [("copy_file_range", _rng.randint(1, 31)), ("pwrite", _rng.randint(1, 114)),
+# Calls a clean run makes (measured): fstat 31 (one per copy task), pwrite 77, fsync 33, replace 18.
+KILL_POINTS = [("fstat", _rng.randint(1, 31)), ("pwrite", _rng.randint(1, 77)),
                ("fsync", _rng.randint(2, 33)), ("replace", _rng.randint(3, 18))]
 
 
@@ -146,7 +146,7 @@ def test_killed_twice_including_during_resume(small_llama, clean, tmp_path):
 def test_a_second_run_on_a_busy_output_is_refused(small_llama, clean, tmp_path):
     """While a real run holds the output, neither --resume nor --overwrite may touch it."""
     out, paused = tmp_path / "out", tmp_path / "paused"
-    process = hooked(small_llama, out, "copy_file_range", 10, str(paused), "--threads", "1")  # all stops
+    process = hooked(small_llama, out, "fstat", 10, str(paused), "--threads", "1")  # all stops
     try:
         deadline = time.monotonic() + 120
         while not paused.exists():
