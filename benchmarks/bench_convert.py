@@ -11,8 +11,14 @@ cgroup, and its wall time includes a final `sync` (data on disk):
   load_all    load the whole state dict (safetensors.torch.load_file of every shard), build the MM-Rec
               dict in memory (renames + new tensors), one safetensors.torch.save_file
   per_shard   the library path shard by shard: load_file one shard, build its part, save_file it
-  ours        .venv/bin/mmrec shard-convert --source SRC --output OUT -q --json (then `mmrec verify`,
-              untimed)
+  ours        .venv/bin/mmrec shard-convert --source SRC --output OUT -q --json; then, cold again, `mmrec
+              verify OUT` timed against `cat` of the same output files (the disk's cold read speed)
+  ours_guide  the same with --init guide (copies and generated values only; the default init mode also
+              computes W_v = 10 · o_proj · v_proj, a float64 matrix product per layer)
+  before      the same command run by another engine (--before-engine DIR: a checkout with its own
+              .venv), in the same pass: the before/after comparison
+  first_byte  ours under `strace -f --seccomp-bpf -e trace=execve,pwrite64`: seconds from exec to the
+              first byte written (the run itself is slowed by tracing and not used for anything else)
   workers2    the same with --workers 2 (dask LocalCluster of 2 processes)
   ours_cap    ours inside a cgroup capped at --small-cap-gb (larger-than-RAM run; verify must pass)
   meta        a Meta tensor-parallel copy of the same preset (benchmarks/gen_meta.py), `cp` and ours on it
@@ -44,7 +50,9 @@ PY = str(ROOT / ".venv" / "bin" / "python")
 MMREC = str(ROOT / ".venv" / "bin" / "mmrec")
 RESULTS = HERE / "results"
 DISK_RESERVE = 10 * GIB
-ALL_CASES = ["cp", "load_all", "per_shard", "ours", "workers2", "ours_cap", "meta"]
+ALL_CASES = ["cp", "load_all", "per_shard", "ours", "ours_guide", "before", "first_byte", "workers2", "ours_cap",
+             "meta"]
+BEFORE_ENGINE: Path | None = None  # --before-engine
 
 
 def log(msg: str) -> None:
@@ -229,16 +237,13 @@ class Bench:
             result["status"] = f"did not fit (OOM at {cap / GIB:.0f} GiB)"
         else:
             result["status"] = f"failed (exit {m.returncode})"
-        if name.startswith(("ours", "workers", "meta_ours")) and m.returncode == 0:
+        if name.startswith(("ours", "workers", "meta_ours", "before")) and m.returncode == 0:
             report = json.loads(m.stdout)
             result["report_timings"] = report["timings"]
             result["read_bytes"] = report["timings"]["bytes_read"]
             result["effective_bandwidth_MBps"] = (result["read_bytes"] + written) / 1e6 / m.wall_s
             if verify:
-                t = time.perf_counter()
-                v = subprocess.run([MMREC, "verify", str(dst)], capture_output=True, text=True)
-                result["verify"] = {"returncode": v.returncode, "seconds": time.perf_counter() - t,
-                                    "tail": (v.stdout + v.stderr).strip()[-300:]}
+                result["verify"] = timed_verify(dst)
                 log(f"  verify: {result['verify']['tail']}")
         log(f"  -> {result['status']}: {m.wall_s:.1f} s, peak RssAnon {m.peak_rss_anon / MIB:.0f} MiB, "
             f"read {read / 1e9:.2f} GB, wrote {written / 1e9:.2f} GB"
@@ -248,6 +253,41 @@ class Bench:
         self.data["cases"][name] = result
         self.save()
         return result
+
+
+def timed_verify(dst: Path) -> dict:
+    """`mmrec verify` from a cold cache, and `cat` of the same files from a cold cache (the disk's read
+    speed for these bytes): verify's target is >= 0.8x cat's bandwidth."""
+    files = sorted(p for p in dst.iterdir() if p.suffix == ".safetensors")
+    drop_caches()
+    t = time.perf_counter()
+    subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True)
+    cat_s = time.perf_counter() - t
+    drop_caches()
+    t = time.perf_counter()
+    v = subprocess.run([MMREC, "verify", str(dst)], capture_output=True, text=True)
+    seconds = time.perf_counter() - t
+    nbytes = sum(p.stat().st_size for p in files)
+    return {"returncode": v.returncode, "seconds": seconds, "cat_seconds": cat_s, "bytes": nbytes,
+            "bandwidth_vs_cat": cat_s / seconds, "tail": (v.stdout + v.stderr).strip()[-300:]}
+
+
+def first_byte_seconds(src: Path, dst: Path) -> dict:
+    """Seconds from exec to the first pwrite of a conversion (strace timestamps; cold cache)."""
+    shutil.rmtree(dst, ignore_errors=True)
+    drop_caches()
+    trace = dst.parent / "first_byte.strace"
+    subprocess.run(["strace", "-f", "--seccomp-bpf", "-ttt", "-e", "trace=execve,pwrite64", "-o", str(trace),
+                    MMREC, "shard-convert", "--source", str(src), "--output", str(dst), "-q"],
+                   stdout=subprocess.DEVNULL, check=True)
+    stamps = {}
+    for line in trace.read_text().splitlines():
+        parts = line.split(maxsplit=2)
+        if len(parts) == 3 and parts[2].startswith(("execve(", "pwrite64(")):
+            stamps.setdefault(parts[2].split("(")[0], float(parts[1]))
+    trace.unlink()
+    shutil.rmtree(dst, ignore_errors=True)
+    return {"status": "ok", "first_byte_seconds": stamps["pwrite64"] - stamps["execve"]}
 
 
 def run_preset(preset: str, cases: list[str], work: Path, cap: int, small_cap: int, keep_source: bool,
@@ -280,6 +320,20 @@ def _run_cases(bench, cases, src, dst, me, out_bytes, src_bytes, work, tag) -> N
         elif base == "ours":
             bench.case(name, [MMREC, "shard-convert", "--source", str(src), "--output", str(dst), "-q", "--json"],
                        src, dst, verify=not tag, need=out_bytes)
+        elif base == "ours_guide":
+            bench.case(name, [MMREC, "shard-convert", "--source", str(src), "--output", str(dst), "-q", "--json",
+                              "--init", "guide"], src, dst, need=out_bytes)
+        elif base == "before":
+            if BEFORE_ENGINE is None:
+                raise SystemExit("the 'before' case needs --before-engine DIR")
+            bench.case(name, [str(BEFORE_ENGINE / ".venv" / "bin" / "mmrec"), "shard-convert", "--source", str(src),
+                              "--output", str(dst), "-q", "--json"], src, dst, need=out_bytes)
+            bench.data["cases"][name]["before_engine"] = str(BEFORE_ENGINE)
+        elif base == "first_byte":
+            log(f"{bench.preset} first_byte: strace of ours")
+            bench.data["cases"][name] = first_byte_seconds(src, dst)
+            log(f"  -> {bench.data['cases'][name]['first_byte_seconds']:.2f} s to the first byte written")
+            bench.save()
         elif base == "workers2":
             bench.case(name, [MMREC, "shard-convert", "--source", str(src), "--output", str(dst), "-q",
                                     "--json", "--workers", "2"], src, dst, verify=False, need=out_bytes)
@@ -317,7 +371,8 @@ def run_meta(bench: Bench, work: Path, dst: Path, out_bytes: int, src_bytes: int
 PRESET_ORDER = ["tiny", "small", "1b", "7b", "13b"]
 LABELS = {"cp": "cp -r + sync", "load_all": "load everything (load_file all, save_file)",
           "per_shard": "per shard (load_file + save_file)", "ours": "mmrec shard-convert",
-          "workers2": "mmrec shard-convert --workers 2", "ours_cap": "mmrec shard-convert, 2 GiB cgroup cap",
+          "workers2": "mmrec shard-convert --workers 2", "ours_guide": "mmrec shard-convert --init guide",
+          "before": "mmrec shard-convert, engine before issue 12", "first_byte": "first byte written (strace)", "ours_cap": "mmrec shard-convert, 2 GiB cgroup cap",
           "meta_cp": "Meta source: cp -r + sync", "meta_ours": "Meta source: mmrec shard-convert"}
 def label(name: str) -> str:
     base, _, rep = name.partition("#")
@@ -346,7 +401,8 @@ def preset_table(preset: str, data: dict) -> str:
             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, c in cases.items():
         if "wall_s" not in c:
-            rows.append(f"| {label(name)} | {c['status']} | | | | | | | | |")
+            detail = f" ({c['first_byte_seconds']:.2f} s after exec)" if "first_byte_seconds" in c else ""
+            rows.append(f"| {label(name)} | {c['status']}{detail} | | | | | | | | |")
             continue
         ok = c["status"] == "ok"
         peak_mib = c["peak_rss_anon"] / MIB
@@ -361,6 +417,12 @@ def preset_table(preset: str, data: dict) -> str:
                     f"{'≥ ' if not ok else ''}{peak_mib:.0f} | {c['read_bytes'] / 1e9:.2f} | "
                     f"{c['written_bytes'] / 1e9:.2f} | {_fmt(bw, 0)} | {_fmt(time_ratio, 2)} | "
                     f"{_fmt(mem_ratio, 1)} | {_fmt(bw_ratio, 2)} |")
+    for name, c in cases.items():
+        v = c.get("verify") or {}
+        if "cat_seconds" in v:
+            rows.append(f"\n`mmrec verify` of {label(name)}'s output, cold cache: {v['seconds']:.1f} s for "
+                        f"{v['bytes'] / 1e9:.2f} GB; `cat` of the same files, cold: {v['cat_seconds']:.1f} s; "
+                        f"verify's bandwidth = **{v['bandwidth_vs_cat']:.2f}×** cat's.")
     return "\n".join(rows) + "\n"
 
 
@@ -444,8 +506,11 @@ def main() -> None:
     ap.add_argument("--keep-source", action="store_true")
     ap.add_argument("--repeat", type=int, default=1, help="run the case list N times (repeats named case#k)")
     ap.add_argument("--report", action="store_true", help="write tables and plots from the JSON results")
+    ap.add_argument("--before-engine", type=Path, help="a checkout with its own .venv: the 'before' case runs it")
     ap.add_argument("--child", nargs=3, metavar=("MODE", "SRC", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global BEFORE_ENGINE
+    BEFORE_ENGINE = args.before_engine
     if args.child:
         warnings.filterwarnings("ignore")
         mode, src, out = args.child

@@ -221,22 +221,42 @@ def _product(catalog, tp) -> _Rows:
     """scale · left · right (an init mode's recipe, e.g. W_v = 10 · o_proj · v_proj), computed in float64
     over fixed PRODUCT_BLOCK_ROWS-row blocks, so the bytes do not depend on how the caller splits the rows.
     Holds the whole right operand ([K, N], built on first use and reused by every later call) and one
-    block of left rows at a time."""
+    block of left rows at a time.
+
+    When the right operand is a grouped-query v_proj repeated to every head, left · repeat(v) is computed
+    as (left with each kv group's columns summed) · v: the same product with `heads / kv_heads` times
+    fewer multiplications and a smaller operand held.
+    """
     import torch
 
     (op,) = tp.transforms
-    left, right = _chain(catalog, tp.sources[0], op["left"]), _chain(catalog, tp.sources[1], op["right"])
-    if len(left.shape) != 2 or len(right.shape) != 2 or left.shape[1] != right.shape[0]:
+    right_ops, fold = op["right"], None
+    if right_ops and right_ops[-1]["op"] == "repeat_kv_heads":
+        right_ops, fold = right_ops[:-1], right_ops[-1]
+    left, right = _chain(catalog, tp.sources[0], op["left"]), _chain(catalog, tp.sources[1], right_ops)
+    inner = right.shape[0] if fold is None else infer_shape([fold], right.shape)[0]
+    if len(left.shape) != 2 or len(right.shape) != 2 or left.shape[1] != inner:
         raise ValueError(f"{tp.name}: cannot multiply {list(left.shape)} by {list(right.shape)}")
     scale = float(op["scale"])
     held = []  # the right operand in float64, once
+
+    def left_rows(i: int, j: int):
+        rows = left.rows(i, j).to(torch.float64)
+        if fold is None:
+            return rows
+        kv, rep = fold["num_kv_heads"], fold["num_heads"] // fold["num_kv_heads"]
+        groups = rows.view(j - i, kv, rep, -1)  # columns are (kv head, repeat, head dim)
+        summed = groups[:, :, 0].clone()
+        for r in range(1, rep):  # one fixed order: the bytes never depend on threads
+            summed += groups[:, :, r]
+        return summed.reshape(j - i, -1)
 
     def fn(a: int, b: int):
         if not held:
             held.append(right.rows(0, right.shape[0]).to(torch.float64))
         rhs = held[0]
         lo = a - a % PRODUCT_BLOCK_ROWS
-        blocks = [left.rows(i, min(left.shape[0], i + PRODUCT_BLOCK_ROWS)).to(torch.float64) @ rhs
+        blocks = [left_rows(i, min(left.shape[0], i + PRODUCT_BLOCK_ROWS)) @ rhs
                   for i in range(lo, b, PRODUCT_BLOCK_ROWS)]
         return (torch.cat(blocks)[a - lo:b - lo] * scale) if blocks else rhs[:0]
 
