@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from .plan.model import ConversionPlan
 from .progress import Progress
 from .report import build_report
 from .sources import open_source
+from .tasks import zero_init
 from .transforms import copy_range
 
 DEFAULT_MEMORY_BUDGET = "512MB"
@@ -123,6 +126,9 @@ def _write_shards(options, plan, layout, catalog, state, keep, executor, run_tok
     journal = state.journal()
     checksums = {name: digest for shard in keep for name, digest in journal[shard].items()}
     copies = {tp.name: copy_range(tp, catalog) for tp in plan.tensors}
+    if executor.client is None and any(copies[tp.name] is None and not zero_init(tp) for tp in plan.tensors):
+        # computed tensors need torch (~1 s to import): start now, while the first copies run
+        threading.Thread(target=importlib.import_module, args=("torch",), daemon=True).start()
     graph, keys = build_graph(plan, layout, state.path, todo, str(Path(options.source).resolve()),
                               fingerprint, chunk_bytes_for(options, executor.concurrency), copies, run_token,
                               concurrency=executor.concurrency)

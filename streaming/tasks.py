@@ -107,7 +107,7 @@ def write_rows(task: WriteTask, _ready: object = None) -> list[bytes]:
         try:
             if task.copy_from is not None:
                 _copy_range(task, fd, hasher)
-            elif _all_zeros(task.tensor):
+            elif zero_init(TensorPlan.from_dict(task.tensor)):
                 _zero_range(fd, task.first_byte, task.nbytes)
                 hasher.update_zeros(task.nbytes)
             else:
@@ -122,11 +122,11 @@ def combine_checksums(piece_digests: list[list[bytes]]) -> str:
     return combine([digest for task_digests in piece_digests for digest in task_digests])
 
 
-def _all_zeros(tensor: dict) -> bool:
+def zero_init(tp: TensorPlan) -> bool:
+    """Whether a planned tensor is all zeros by its init rule (nothing to generate or write)."""
     from mmrec.schema import init_rule
 
-    rule = tensor.get("init") or init_rule(tensor["name"], len(tensor["shape"]))
-    return tensor["kind"] == "init" and rule == "zeros"
+    return tp.kind == "init" and (tp.init or init_rule(tp.name, len(tp.shape))) == "zeros"
 
 
 def _materialize_range(task: WriteTask, fd: int, hasher: PieceHasher) -> None:
@@ -160,33 +160,18 @@ def seal_shard(partial_path: str, _ready: object = None) -> str:
 
 def _pwrite_all(fd: int, data, offset: int) -> None:
     view = memoryview(data).cast("B")
-    start, nbytes = offset, len(view)
     while view:
         written = os.pwrite(fd, view, offset)
         view, offset = view[written:], offset + written
-    _start_writeback(fd, start, nbytes)
-
-
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
-    """Ask the kernel to start writing these dirty pages now (sync_file_range, asynchronous), so the disk
-    writes while we compute and the shard's closing fsync finds little left to do. Linux only; elsewhere
-    a no-op (the fsync still makes the shard durable)."""
-    libc = _linux_libc()
-    if libc:
-        libc.sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
 
 
 @functools.lru_cache(maxsize=1)
 def _linux_libc():
-    """libc with the two Linux calls Python's os module lacks (sync_file_range, fallocate), or None."""
+    """libc with fallocate (which Python's os module lacks for punching holes), or None."""
     import ctypes
 
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
         libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     except (OSError, AttributeError):
         return None
