@@ -25,7 +25,7 @@ from .plan.model import ConversionPlan
 from .progress import Progress
 from .report import build_report
 from .sources import open_source
-from .tasks import zero_init
+from .tasks import prepare_shard, zero_init
 from .transforms import copy_range
 
 DEFAULT_MEMORY_BUDGET = "512MB"
@@ -125,6 +125,8 @@ def _write_shards(options, plan, layout, catalog, state, keep, executor, run_tok
     todo = [name for name in (s.file_name for s in layout.shards) if name not in keep]
     journal = state.journal()
     checksums = {name: digest for shard in keep for name, digest in journal[shard].items()}
+    for shard in (s for s in layout.shards if s.file_name in todo):  # first bytes out before any heavy import
+        prepare_shard(str(state.partial_path(shard.file_name)), shard.header, shard.size)
     copies = {tp.name: copy_range(tp, catalog) for tp in plan.tensors}
     if executor.client is None and any(copies[tp.name] is None and not zero_init(tp) for tp in plan.tensors):
         # computed tensors need torch (~1 s to import): start now, while the first copies run

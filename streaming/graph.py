@@ -1,7 +1,8 @@
 """Build the dask graph of a conversion from its plan and layout, and run it on the chosen scheduler.
 
-Graph shape, per output shard:  prepare ──► write (one task per row range of each tensor; each hashes
-the bytes it writes) ──► checksum (one per tensor: combines its tasks' piece digests) ──► seal (fsync). Big tensors are split into several row ranges, so parallelism
+Graph shape, per output shard (whose header the caller has already written, `tasks.prepare_shard`):
+write (one task per row range of each tensor; each hashes the bytes it writes) ──► checksum (one per
+tensor: combines its tasks' piece digests) ──► seal (fsync). Big tensors are split into several row ranges, so parallelism
 is not capped by the number of shards; every task passes only metadata.
 """
 
@@ -42,8 +43,6 @@ def build_graph(plan: ConversionPlan, layout: OutputLayout, partial_dir: Path, s
     by_name = {tp.name: tp for tp in plan.tensors}
     for shard in (s for s in layout.shards if s.file_name in shards):
         partial = str(partial_dir / (shard.file_name + ".partial"))
-        prepare_key = f"{run_token}-prepare-{shard.file_name}"
-        graph[prepare_key] = (tasks.prepare_shard, partial, shard.header, shard.size)
         tensor_sums = []
         for name in shard.tensors:
             slot, tp = layout.slots[name], by_name[name]
@@ -52,7 +51,7 @@ def build_graph(plan: ConversionPlan, layout: OutputLayout, partial_dir: Path, s
                 key = f"{run_token}-write-{name}-{row_start}"
                 task = tasks.WriteTask(partial, tp.to_dict(), slot.start, slot.row_bytes, row_start, row_stop,
                                        source, fingerprint, plan.seed, chunk_bytes, copy_ranges.get(name), torch_threads)
-                graph[key] = (tasks.write_rows, task, prepare_key)
+                graph[key] = (tasks.write_rows, task)
                 writes[key] = (name, task.nbytes)
                 write_keys.append(key)
             sum_key = f"{run_token}-checksum-{name}"
@@ -60,7 +59,7 @@ def build_graph(plan: ConversionPlan, layout: OutputLayout, partial_dir: Path, s
             checksums[sum_key] = name
             tensor_sums.append(sum_key)
         seal_key = f"{run_token}-seal-{shard.file_name}"
-        graph[seal_key] = (tasks.seal_shard, partial, tensor_sums or [prepare_key])
+        graph[seal_key] = (tasks.seal_shard, partial, tensor_sums)
         seals[seal_key] = shard.file_name
     return graph, GraphKeys(writes, checksums, seals)
 

@@ -51,12 +51,13 @@ def naming_os_errors(path: str):
 
 
 def prepare_shard(partial_path: str, header: bytes, size: int) -> str:
-    """Give the shard its final size and its header; tensors fill it at their offsets.
+    """Give the shard its final size and its header; tensors fill it at their offsets (run by the driver
+    before the graph starts, so the first bytes land before any heavy import).
 
-    Idempotent: no O_TRUNC. dask reruns this task when the worker holding its result dies, possibly after
-    other workers already wrote tensors into the shard; truncating would wipe them. The layout covers
-    every byte of the file (header, then tensors without gaps), so stale bytes of an older partial file are
-    all overwritten, and ftruncate to the exact size drops anything longer.
+    No O_TRUNC, so it is idempotent: a partial file of an interrupted run keeps its bytes until tasks
+    overwrite them. The layout covers every byte of the file (header, then tensors without gaps; zero
+    tensors are punched as holes), so stale bytes are all replaced, and ftruncate to the exact size drops
+    anything longer.
     """
     with naming_os_errors(partial_path):
         fd = os.open(partial_path, os.O_WRONLY | os.O_CREAT, 0o644)

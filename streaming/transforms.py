@@ -20,6 +20,7 @@ GATHER_SPAN_FACTOR = 4        # a gather reads its covering span when <= factor 
 GATHER_SPAN_SLACK = 64
 PRODUCT_OP = "matmul"         # two sources: scale · left · right, each operand with its own op chain
 PRODUCT_BLOCK_ROWS = 64       # a product is computed in these fixed row blocks (bytes independent of splits)
+PRODUCT_BAND_COLUMNS = 1024   # ... and fixed column bands, so only one float64 band of the right operand is held
 
 OPS = {  # op -> required fields
     "transpose": (), "slice_rows": ("start", "stop"), "add": ("value",), "cast": ("dtype",),
@@ -220,8 +221,8 @@ def _chain(catalog, name: str, ops: list[dict]) -> _Rows:
 def _product(catalog, tp) -> _Rows:
     """scale · left · right (an init mode's recipe, e.g. W_v = 10 · o_proj · v_proj), computed in float64
     over fixed PRODUCT_BLOCK_ROWS-row blocks, so the bytes do not depend on how the caller splits the rows.
-    Holds the whole right operand ([K, N], built on first use and reused by every later call) and one
-    block of left rows at a time.
+    Holds the right operand as its op chain gives it ([K, N], built on first use and reused by every later
+    call), one float64 band of PRODUCT_BAND_COLUMNS of its columns, and the float64 left rows of one call.
 
     When the right operand is a grouped-query v_proj repeated to every head, left · repeat(v) is computed
     as (left with each kv group's columns summed) · v: the same product with `heads / kv_heads` times
@@ -238,7 +239,7 @@ def _product(catalog, tp) -> _Rows:
     if len(left.shape) != 2 or len(right.shape) != 2 or left.shape[1] != inner:
         raise ValueError(f"{tp.name}: cannot multiply {list(left.shape)} by {list(right.shape)}")
     scale = float(op["scale"])
-    held = []  # the right operand in float64, once
+    held = []  # the right operand as its chain gives it (a memory-map view for a plain v_proj), once
 
     def left_rows(i: int, j: int):
         rows = left.rows(i, j).to(torch.float64)
@@ -253,12 +254,17 @@ def _product(catalog, tp) -> _Rows:
 
     def fn(a: int, b: int):
         if not held:
-            held.append(right.rows(0, right.shape[0]).to(torch.float64))
-        rhs = held[0]
+            held.append(right.rows(0, right.shape[0]))
         lo = a - a % PRODUCT_BLOCK_ROWS
-        blocks = [left_rows(i, min(left.shape[0], i + PRODUCT_BLOCK_ROWS)) @ rhs
-                  for i in range(lo, b, PRODUCT_BLOCK_ROWS)]
-        return (torch.cat(blocks)[a - lo:b - lo] * scale) if blocks else rhs[:0]
+        lefts = [left_rows(i, min(left.shape[0], i + PRODUCT_BLOCK_ROWS)) for i in range(lo, b, PRODUCT_BLOCK_ROWS)]
+        out = torch.empty((sum(len(x) for x in lefts), right.shape[1]), dtype=torch.float64)
+        for c in range(0, right.shape[1], PRODUCT_BAND_COLUMNS):  # one float64 band of the right operand at a time
+            band = held[0][:, c:c + PRODUCT_BAND_COLUMNS].to(torch.float64)
+            row = 0
+            for block in lefts:
+                out[row:row + len(block), c:c + band.shape[1]] = block @ band
+                row += len(block)
+        return out[a - lo:b - lo].mul_(scale)
 
     return _Rows((left.shape[0], right.shape[1]), fn)
 
@@ -329,8 +335,9 @@ def rows_per_block(tp, budget_bytes: int) -> int:
     if tp.kind == "init":
         pass  # generated in cache-sized pieces straight into the output block
     elif tp.kind == "transform" and tp.transforms[0]["op"] == PRODUCT_OP:
-        # float64 left rows and product rows per output row; the right operand is held whole besides
-        per_row += 8 * (elems + elems)  # (the inner dimension is taken to be about the output's width)
+        # float64 left rows and product rows per output row; the right operand and one float64 band of it
+        # are held besides (the inner dimension is taken to be about the output's width)
+        per_row += 8 * (elems + elems)
         blocks = max(1, budget_bytes // max(1, per_row * PRODUCT_BLOCK_ROWS))
         return min(tp.shape[0], blocks * PRODUCT_BLOCK_ROWS)
     elif tp.kind == "transform":
