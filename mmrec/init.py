@@ -21,9 +21,7 @@ import math
 
 import numpy as np
 
-from .schema import init_rule
-
-INIT_FORMAT = 2  # bumped whenever a converter-made value changes (recorded in every conversion report)
+from .schema import INIT_FORMAT, init_rule  # noqa: F401 (INIT_FORMAT: this module's definition's number)
 _LANES_PER_WORD = 4  # 16-bit lanes per 64-bit generator word
 _LANE_SCALE = 32768.0  # int16 lanes cover [-32768, 32767]
 _PIECE_ELEMENTS = 1 << 17  # values converted per step: the lanes and their float32 stay in the CPU's cache

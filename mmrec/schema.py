@@ -24,6 +24,9 @@ class ParamSpec:
         return math.prod(self.shape)
 
 
+INIT_FORMAT = 2  # the definition of converter-made values in mmrec/init.py; bumped whenever a value changes
+
+
 def init_rule(name: str, ndim: int) -> str:
     """Conversion-init rule of MMREC_SPEC.md "Initialization" for one parameter name."""
     if name.endswith(".bias"):

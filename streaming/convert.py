@@ -13,7 +13,7 @@ from pathlib import Path
 
 from mmrec.shards import INDEX_NAME, parse_size
 
-from mmrec.init import INIT_FORMAT
+from mmrec.schema import INIT_FORMAT
 
 from .analysis import analyze
 from .checksums import ALGORITHM as CHECKSUM_ALGORITHM

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mmrec.init import INIT_FORMAT
+from mmrec.schema import INIT_FORMAT
 
 from .checksums import ALGORITHM as CHECKSUM_ALGORITHM
 from .plan.model import SCORES, ConversionPlan
