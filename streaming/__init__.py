@@ -12,9 +12,13 @@ def convert_model_weights(*args, **kwargs):
     return run(*args, **kwargs)
 
 
-def __getattr__(name):  # ModelWeightConverter without importing the planner eagerly
+def __getattr__(name):  # without importing the planner eagerly
     if name == "ModelWeightConverter":
         from .plan.mapping import ModelWeightConverter
 
         return ModelWeightConverter
+    if name in ("target_config", "TargetModelError"):
+        from . import guide_api
+
+        return getattr(guide_api, name)
     raise AttributeError(name)
