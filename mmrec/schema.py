@@ -24,7 +24,9 @@ class ParamSpec:
         return math.prod(self.shape)
 
 
-INIT_FORMAT = 2  # the definition of converter-made values in mmrec/init.py; bumped whenever a value changes
+# The definition of converter-made values (mmrec/init.py, and the values init modes compute, e.g. the
+# self-attend product); bumped whenever one changes. Recorded in every conversion report.
+INIT_FORMAT = 2
 
 
 def init_rule(name: str, ndim: int) -> str:

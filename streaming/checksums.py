@@ -97,7 +97,8 @@ def file_checksum(path: str, start: int, end: int, row_bytes: int, algorithm: st
     hasher = PieceHasher(end - start if whole else piece_rows(row_bytes) * row_bytes)
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_SEQUENTIAL)
+        if hasattr(os, "posix_fadvise"):  # not on macOS
+            os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_SEQUENTIAL)
         position = start
         while position < end:
             piece = os.pread(fd, min(READ_BYTES, end - position), position)

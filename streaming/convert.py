@@ -7,13 +7,13 @@ import dataclasses
 import hashlib
 import importlib
 import json
+import sys
 import threading
 import time
 from pathlib import Path
 
-from mmrec.shards import INDEX_NAME, parse_size
-
 from mmrec.schema import INIT_FORMAT
+from mmrec.shards import INDEX_NAME, parse_size
 
 from .analysis import analyze
 from .checksums import ALGORITHM as CHECKSUM_ALGORITHM
@@ -132,8 +132,7 @@ def _write_shards(options, plan, layout, catalog, state, keep, executor, run_tok
         # computed tensors need torch (~1 s to import): start now, while the first copies run
         threading.Thread(target=importlib.import_module, args=("torch",), daemon=True).start()
     graph, keys = build_graph(plan, layout, state.path, todo, str(Path(options.source).resolve()),
-                              fingerprint, chunk_bytes_for(options, executor.concurrency), copies, run_token,
-                              concurrency=executor.concurrency)
+                              fingerprint, chunk_bytes_for(options, executor.concurrency), copies, run_token)
     done_bytes = sum(layout.slots[n].end - layout.slots[n].start for n in checksums)
     progress = Progress(layout.total_tensor_bytes, len(layout.slots), done_bytes, len(checksums),
                         quiet=options.quiet)
@@ -149,11 +148,22 @@ def _write_shards(options, plan, layout, catalog, state, keep, executor, run_tok
             shard = keys.seals[key]
             state.record_shard(shard, {n: checksums[n] for n, s in shard_of.items() if s == shard})
 
+    caller_threads = _torch_threads()  # tasks run torch single-threaded in this process (threaded scheduler)
     try:
         executor.run(graph, keys, on_done)
     finally:
         progress.close()
+        if caller_threads is not None:
+            import torch
+
+            torch.set_num_threads(caller_threads)
     return checksums
+
+
+def _torch_threads() -> int | None:
+    """torch's thread count when the caller had already imported torch (the Python API), else None."""
+    torch = sys.modules.get("torch")
+    return torch.get_num_threads() if torch is not None and hasattr(torch, "get_num_threads") else None
 
 
 def _bytes_read(plan, catalog) -> int:

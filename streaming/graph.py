@@ -1,6 +1,6 @@
 """Build the dask graph of a conversion from its plan and layout, and run it on the chosen scheduler.
 
-Graph shape, per output shard (whose header the caller has already written, `tasks.prepare_shard`):
+Graph shape, per output shard (its header already written by the caller, `tasks.prepare_shard`):
 write (one task per row range of each tensor; each hashes the bytes it writes) ──► checksum (one per
 tensor: combines its tasks' piece digests) ──► seal (fsync). Big tensors are split into several row ranges, so parallelism
 is not capped by the number of shards; every task passes only metadata.
@@ -9,7 +9,6 @@ is not capped by the number of shards; every task passes only metadata.
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -31,13 +30,12 @@ class GraphKeys:
 def build_graph(plan: ConversionPlan, layout: OutputLayout, partial_dir: Path, shards: list[str],
                 source: str, fingerprint: str, chunk_bytes: int,
                 copy_ranges: dict[str, tuple[str, int, int] | None], run_token: str,
-                task_bytes: int = TASK_BYTES, concurrency: int = 1) -> tuple[dict, GraphKeys]:
+                task_bytes: int = TASK_BYTES) -> tuple[dict, GraphKeys]:
     """A low-level dask graph writing the given shards (those a resume has not proven complete).
 
     Every key starts with run_token (unique to this run's identity and output), so two conversions on one
-    shared cluster never share a task. concurrency: tasks that run at once (sets torch's threads per task).
+    shared cluster never share a task.
     """
-    torch_threads = max(1, (os.cpu_count() or 1) // max(1, concurrency))
     graph: dict = {}
     writes, checksums, seals = {}, {}, {}
     by_name = {tp.name: tp for tp in plan.tensors}
@@ -50,7 +48,7 @@ def build_graph(plan: ConversionPlan, layout: OutputLayout, partial_dir: Path, s
             for row_start, row_stop in task_row_ranges(slot.rows, slot.row_bytes, task_bytes):
                 key = f"{run_token}-write-{name}-{row_start}"
                 task = tasks.WriteTask(partial, tp.to_dict(), slot.start, slot.row_bytes, row_start, row_stop,
-                                       source, fingerprint, plan.seed, chunk_bytes, copy_ranges.get(name), torch_threads)
+                                       source, fingerprint, plan.seed, chunk_bytes, copy_ranges.get(name))
                 graph[key] = (tasks.write_rows, task)
                 writes[key] = (name, task.nbytes)
                 write_keys.append(key)

@@ -89,7 +89,6 @@ class WriteTask:
     seed: int
     chunk_bytes: int
     copy_from: tuple[str, int, int] | None
-    torch_threads: int = 1  # intra-op threads per task: cores shared by the tasks that run at once
 
     @property
     def first_byte(self) -> int:
@@ -100,7 +99,7 @@ class WriteTask:
         return (self.row_stop - self.row_start) * self.row_bytes
 
 
-def write_rows(task: WriteTask, _ready: object = None) -> list[bytes]:
+def write_rows(task: WriteTask) -> list[bytes]:
     """Write one task's rows; returns the digests of the checksum pieces it covers, in order."""
     with naming_os_errors(task.partial_path):
         hasher = PieceHasher(piece_rows(task.row_bytes) * task.row_bytes)
@@ -135,8 +134,10 @@ def _materialize_range(task: WriteTask, fd: int, hasher: PieceHasher) -> None:
 
     from .transforms import row_producer, rows_per_block
 
-    if torch.get_num_threads() != task.torch_threads:
-        torch.set_num_threads(task.torch_threads)  # no oversubscription: other tasks hold the other cores
+    if torch.get_num_threads() != 1:
+        # one torch thread per task: parallelism comes from the tasks, and a float64 product's bytes could
+        # otherwise depend on how many threads its BLAS call used (convert() restores the caller's count)
+        torch.set_num_threads(1)
     plan = TensorPlan.from_dict(task.tensor)
     catalog = worker_catalog(task.source, task.fingerprint) if plan.sources else None
     step = rows_per_block(plan, task.chunk_bytes)
@@ -172,7 +173,7 @@ def _linux_libc():
     import ctypes
 
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
+        libc = ctypes.CDLL(None)
         libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     except (OSError, AttributeError):
         return None
@@ -181,28 +182,37 @@ def _linux_libc():
 
 def _copy_range(task: WriteTask, dst_fd: int, hasher: PieceHasher) -> None:
     """Hash the source range straight from a read-only map of it and write it from there: one copy,
-    page cache to page cache, like copy_file_range, but with the bytes in hand for the checksum."""
+    page cache to page cache, like copy_file_range, but with the bytes in hand for the checksum.
+    Where the source cannot be mapped (some network filesystems), read it into a buffer instead.
+    (A source truncated by someone else while it is mapped ends the process with SIGBUS: RELIABILITY.md.)"""
     src_path, src_start, _ = task.copy_from
     first = src_start + task.row_start * task.row_bytes
     if task.nbytes == 0:
         return
-    aligned = first - first % mmap.ALLOCATIONGRANULARITY
-    src_fd = os.open(src_path, os.O_RDONLY)
-    try:
-        if os.fstat(src_fd).st_size < first + task.nbytes:
-            raise OSError(errno.EIO, f"source file ends before byte {first + task.nbytes}", src_path)
-        mapping = mmap.mmap(src_fd, first + task.nbytes - aligned, access=mmap.ACCESS_READ, offset=aligned)
-    finally:
-        os.close(src_fd)
-    try:
+    with naming_os_errors(src_path):  # errors of the source name the source, not the shard
+        src_fd = os.open(src_path, os.O_RDONLY)
+        try:
+            if os.fstat(src_fd).st_size < first + task.nbytes:
+                raise OSError(errno.EIO, f"source file ends before byte {first + task.nbytes}", src_path)
+            aligned = first - first % mmap.ALLOCATIONGRANULARITY
+            try:
+                mapping = mmap.mmap(src_fd, first + task.nbytes - aligned, access=mmap.ACCESS_READ,
+                                    offset=aligned)
+            except (OSError, ValueError):
+                _copy_by_reading(task, src_fd, first, dst_fd, hasher)
+                return
+        finally:
+            os.close(src_fd)
         mapping.madvise(mmap.MADV_SEQUENTIAL)
         mapping.madvise(mmap.MADV_WILLNEED)  # start reading the whole range now, ahead of the hashing
+    try:
         view = memoryview(mapping)[first - aligned:]
         try:
             for done in range(0, task.nbytes, COPY_BLOCK):
                 block = view[done:done + COPY_BLOCK]
                 hasher.update(block)
-                _pwrite_all(dst_fd, block, task.first_byte + done)
+                with naming_os_errors(task.partial_path):
+                    _pwrite_all(dst_fd, block, task.first_byte + done)
                 del block
         finally:
             view.release()
@@ -213,6 +223,19 @@ def _copy_range(task: WriteTask, dst_fd: int, hasher: PieceHasher) -> None:
             pass
 
 
+def _copy_by_reading(task: WriteTask, src_fd: int, first: int, dst_fd: int, hasher: PieceHasher) -> None:
+    buffer = memoryview(bytearray(min(COPY_BLOCK, task.nbytes)))
+    done = 0
+    while done < task.nbytes:
+        got = os.preadv(src_fd, [buffer[:min(len(buffer), task.nbytes - done)]], first + done)
+        if got == 0:
+            raise OSError(errno.EIO, f"source file ends before byte {first + task.nbytes}")
+        hasher.update(buffer[:got])
+        with naming_os_errors(task.partial_path):
+            _pwrite_all(dst_fd, buffer[:got], task.first_byte + done)
+        done += got
+
+
 _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 
 
@@ -221,7 +244,7 @@ def _zero_range(fd: int, offset: int, nbytes: int) -> None:
     partial file left by an interrupted run it drops stale bytes). Falls back to writing zeros."""
     if nbytes == 0:
         return
-    libc = _linux_libc()
+    libc = _linux_libc()  # any failure (EOPNOTSUPP, ENOSYS, ...) falls through to writing the zeros
     if libc and libc.fallocate(fd, _FALLOC_FL_KEEP_SIZE | _FALLOC_FL_PUNCH_HOLE, offset, nbytes) == 0:
         return
     # no fallocate (not Linux) or the filesystem cannot punch holes: write the zeros

@@ -257,7 +257,7 @@ def test_identical_bytes_and_checksums_across_threads_budget_and_task_splits(sma
     monkeypatch.setattr(convert_module, "build_graph", split_graph)
     seen = []
     real_write_rows = tasks.write_rows
-    monkeypatch.setattr(tasks, "write_rows", lambda task, _ready=None: seen.append(task) or real_write_rows(task))
+    monkeypatch.setattr(tasks, "write_rows", lambda task: seen.append(task) or real_write_rows(task))
     out = tmp_path / "split"
     result = cli("shard-convert", "--source", small_llama, "--output", out, *CONVERT_ARGS, "--threads", "2")
     assert result.exit_code == 0, result.output
@@ -414,3 +414,35 @@ def test_dry_run_does_not_import_torch(tmp_path):
     assert "torch-imported: False exit: 0" in done.stderr, done.stderr
     assert json.loads(done.stdout)["tensors"]  # the plan was printed
     assert not (tmp_path / "out").exists()
+
+
+# -- copies where the source cannot be memory-mapped; torch's thread count ------------------------------------
+def test_copies_fall_back_to_reading_when_the_source_cannot_be_mapped(small_llama, converted, tmp_path,
+                                                                        monkeypatch):
+    """Some network filesystems refuse mmap (ENODEV): copies then read into a buffer; same bytes."""
+    import errno
+    import mmap
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.ENODEV, "No such device")
+
+    monkeypatch.setattr(mmap, "mmap", refuse)
+    out = tmp_path / "read"
+    result = cli("shard-convert", "--source", small_llama, "--output", out, *CONVERT_ARGS, "--threads", "3")
+    assert result.exit_code == 0, result.output
+    assert tensor_bytes(out) == tensor_bytes(converted)
+
+
+def test_python_api_keeps_the_callers_torch_threads(small_llama, tmp_path):
+    """Tasks run torch single-threaded (a product's bytes must not depend on BLAS threads); a caller who
+    had set its own count gets it back."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        convert_module.convert(convert_module.ConvertOptions(source=small_llama, output=tmp_path / "api",
+                                                             quiet=True))
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
