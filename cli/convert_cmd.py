@@ -8,58 +8,83 @@ from typing import Optional
 
 import typer
 
-from .errors import EXIT_USAGE, clean_errors, fail
-from .plan_options import DEFAULT_INIT_MODE, INIT_HELP, check_plan_options
+from .errors import EXIT_REFUSED, EXIT_USAGE, clean_errors, fail
+from .plan_options import (DEFAULT_INIT_MODE, FLAG, INIT_HELP, check_plan_options, check_size_option,
+                           hidden_alias, merge_alias, recheck_sizes_for_source, size_option)
 
 
 def shard_convert(
-    source: Path = typer.Option(..., "--source", help="Checkpoint file or directory to convert."),
-    output: Path = typer.Option(..., "--output", help="Output directory, or a single .safetensors file."),
-    vocab_size: Optional[int] = typer.Option(None, "--vocab_size", "--vocab-size", help="Target vocabulary (pad/truncate)."),
-    model_dim: Optional[int] = typer.Option(None, "--model_dim", "--model-dim", help="Target hidden size."),
-    num_layers: Optional[int] = typer.Option(None, "--num_layers", "--num-layers", help="Target layer count."),
-    num_heads: Optional[int] = typer.Option(None, "--num_heads", "--num-heads", help="Target memory-attention heads."),
-    ffn_dim: Optional[int] = typer.Option(None, "--ffn_dim", "--ffn-dim", help="Target FFN width."),
-    strict: bool = typer.Option(False, "--strict", help="Fail if any target tensor cannot come from the source."),
-    no_initialize_new: bool = typer.Option(False, "--no_initialize_new", "--no-initialize-new",
-                                           help="Write only converted tensors (a partial checkpoint)."),
-    mapping: str = typer.Option("default", "--mapping", help="Mapping table: default or extended."),
-    mapping_file: Optional[Path] = typer.Option(None, "--mapping-file", help="JSON/YAML mapping that replaces or extends the table."),
-    layer_map: str = typer.Option("first", "--layer-map", help="first, uniform, or a list like 0,2,4."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype (bfloat16, float16, float32); default: the source's."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the new components' init."),
-    init: str = typer.Option(DEFAULT_INIT_MODE, "--init", help=INIT_HELP),
-    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest output shard (decimal units: 5GB = 5e9 bytes)."),
-    memory_budget: str = typer.Option("512MB", "--memory-budget", help="Memory for tensor blocks in flight."),
-    threads: int = typer.Option(2, "--threads", help="Threads of the default in-process scheduler."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Start a dask LocalCluster with N worker processes."),
-    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Join a running dask scheduler at ADDRESS."),
-    scheduler_file: Optional[Path] = typer.Option(None, "--scheduler-file", help="Join the dask cluster described by this file (dask-jobqueue, dask-mpi)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run into the same output."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and write nothing."),
-    json_output: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    source: Path = typer.Option(..., "--source", metavar="PATH", help="Checkpoint file or directory to convert."),
+    output: Path = typer.Option(..., "--output", metavar="PATH",
+                                help="Output directory, or a single .safetensors file."),
+    vocab_size: Optional[int] = size_option("vocab_size", "Target vocabulary (pad/truncate)."),
+    model_dim: Optional[int] = size_option("model_dim", "Target hidden size."),
+    num_layers: Optional[int] = size_option("num_layers", "Target layer count."),
+    num_heads: Optional[int] = size_option("num_heads", "Target memory-attention heads."),
+    ffn_dim: Optional[int] = size_option("ffn_dim", "Target FFN width."),
+    strict: bool = typer.Option(False, "--strict", metavar=FLAG,
+                                help="Fail if any target tensor cannot come from the source."),
+    no_initialize_new: bool = typer.Option(False, "--no-initialize-new", metavar=FLAG,
+                                           help="Write only converted tensors (a partial checkpoint; or "
+                                                "--no_initialize_new)."),
+    mapping: str = typer.Option("default", "--mapping", metavar="TABLE", help="Mapping table: default or extended."),
+    mapping_file: Optional[Path] = typer.Option(None, "--mapping-file", metavar="FILE",
+                                                help="JSON/YAML mapping that replaces or extends the table."),
+    layer_map: str = typer.Option("first", "--layer-map", metavar="MAP", help="first, uniform, or a list like 0,2,4."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", metavar="DTYPE",
+                                        help="Output dtype (bfloat16, float16, float32); default: the source's."),
+    seed: int = typer.Option(0, "--seed", metavar="INT", help="Seed of the new components' init."),
+    init: str = typer.Option(DEFAULT_INIT_MODE, "--init", metavar="MODE", help=INIT_HELP),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", metavar="SIZE",
+                                       help="Largest output shard, with a unit (decimal: 5GB = 5e9 bytes; "
+                                            "MiB/GiB binary)."),
+    memory_budget: str = typer.Option("512MB", "--memory-budget", metavar="SIZE",
+                                      help="Memory for tensor blocks in flight, with a unit."),
+    threads: int = typer.Option(2, "--threads", metavar="N", help="Threads of the default in-process scheduler."),
+    workers: Optional[int] = typer.Option(None, "--workers", metavar="N",
+                                          help="Start a dask LocalCluster with N worker processes."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", metavar="ADDRESS",
+                                            help="Join a running dask scheduler at ADDRESS."),
+    scheduler_file: Optional[Path] = typer.Option(None, "--scheduler-file", metavar="FILE",
+                                                  help="Join the dask cluster described by this file "
+                                                       "(dask-jobqueue, dask-mpi)."),
+    resume: bool = typer.Option(False, "--resume", metavar=FLAG,
+                                help="Continue an interrupted run into the same output."),
+    overwrite: bool = typer.Option(False, "--overwrite", metavar=FLAG, help="Replace an existing output."),
+    dry_run: bool = typer.Option(False, "--dry-run", metavar=FLAG,
+                                 help="Print the plan and write nothing; exit 3 if the real run would be refused."),
+    json_output: bool = typer.Option(False, "--json", metavar=FLAG,
+                                     help="Print the report (with --dry-run: the plan) as JSON on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", metavar=FLAG,
+                               help="Print nothing on success but what --json asks for; errors still go to "
+                                    "stderr."),
+    debug: bool = typer.Option(False, "--debug", metavar=FLAG, help="Show tracebacks."),
+    # the guide's underscore spellings, accepted but not listed
+    vocab_size_: Optional[int] = hidden_alias("vocab_size"),
+    model_dim_: Optional[int] = hidden_alias("model_dim"),
+    num_layers_: Optional[int] = hidden_alias("num_layers"),
+    num_heads_: Optional[int] = hidden_alias("num_heads"),
+    ffn_dim_: Optional[int] = hidden_alias("ffn_dim"),
+    no_initialize_new_: bool = hidden_alias("no_initialize_new", flag=True),
 ) -> None:
     """Convert a Transformer checkpoint to MM-Rec, streaming one tensor at a time."""
-    from mmrec.shards import parse_size
     from mmrec.streaming.graph import SchedulerChoice
 
-    for option, value in (("--max-shard-size", max_shard_size), ("--memory-budget", memory_budget)):
-        try:
-            parse_size(value)
-        except ValueError as exc:
-            raise fail(f"{option}: {exc}", EXIT_USAGE) from None
+    check_size_option("--max-shard-size", max_shard_size)
+    check_size_option("--memory-budget", memory_budget)
     for option, value in (("--threads", threads), ("--workers", workers)):
         if value is not None and value < 1:
             raise fail(f"{option} must be at least 1, got {value}", EXIT_USAGE)
-    sizes = dict(vocab_size=vocab_size, model_dim=model_dim, num_layers=num_layers, num_heads=num_heads,
-                 ffn_dim=ffn_dim)
+    sizes = {name: merge_alias(name, value, alias) for name, value, alias in (
+        ("vocab_size", vocab_size, vocab_size_), ("model_dim", model_dim, model_dim_),
+        ("num_layers", num_layers, num_layers_), ("num_heads", num_heads, num_heads_),
+        ("ffn_dim", ffn_dim, ffn_dim_))}
+    no_initialize_new = no_initialize_new or no_initialize_new_
     check_plan_options(mapping, layer_map, dtype, sizes, init)
     overrides = {k: v for k, v in sizes.items() if v is not None}
     with clean_errors(debug):
         from mmrec.streaming.convert import ConvertOptions, convert, make_plan
+        from mmrec.streaming.plan.model import PlanError
         from mmrec.streaming.report import build_report, summary_text
 
         options = ConvertOptions(
@@ -69,13 +94,48 @@ def shard_convert(
             scheduler=SchedulerChoice(threads=threads, workers=workers, address=scheduler,
                                       scheduler_file=str(scheduler_file) if scheduler_file else None),
             resume=resume, overwrite=overwrite, quiet=quiet or json_output)
+        try:
+            if dry_run:
+                catalog, _, plan = make_plan(options)
+            else:
+                report = convert(options)
+        except PlanError:
+            recheck_sizes_for_source(source, sizes)  # exit 2 if --num_heads & co. caused it
+            raise
         if dry_run:
-            _, _, plan = make_plan(options)
-            typer.echo(plan.to_json() if json_output else summary_text(build_report(plan)))
+            if json_output:
+                typer.echo(plan.to_json())
+            elif not quiet:
+                typer.echo(summary_text(build_report(plan)))
+            refusal = _refusal(options, plan, catalog)
+            if refusal is not None:
+                raise fail(f"{refusal} (dry run: nothing was written; the real run would be refused)",
+                           EXIT_REFUSED)
+            if not quiet:
+                typer.echo(f"dry run: nothing was written to {output}", err=True)
             return
-        report = convert(options)
     if json_output:
         typer.echo(json.dumps(report, indent=2))
-    else:
+    elif not quiet:
         typer.echo(summary_text(report))
         typer.echo(f"wrote {output}")
+
+
+def _refusal(options, plan, catalog) -> str | None:
+    """The refusal the real run would meet on this output (read-only: a dry run writes nothing)."""
+    from mmrec.shards import parse_size
+    from mmrec.streaming.convert import run_identity
+    from mmrec.streaming.layout import output_paths, plan_layout
+    from mmrec.streaming.output import OutputRefused, OutputState, check_not_inside_source
+
+    try:
+        check_not_inside_source(Path(options.source), Path(options.output))
+        directory, single = output_paths(Path(options.output))
+        identity = None
+        if options.resume:  # compared with the interrupted run's, as the real run does
+            layout = plan_layout(plan, parse_size(options.max_shard_size), single)
+            identity = run_identity(plan, layout, catalog)
+        OutputState(directory, single).check(options.resume, options.overwrite, identity)
+    except OutputRefused as exc:
+        return " ".join(str(exc).split())
+    return None

@@ -15,26 +15,43 @@ from .errors import EXIT_REFUSED, EXIT_USAGE, clean_errors, fail
 
 
 def distill(
-    teacher: Path = typer.Option(..., "--teacher", help="The source checkpoint (transformers layout, with config.json)."),
-    student: Path = typer.Option(..., "--student", help="Its MM-Rec conversion (shard-convert output)."),
-    data: List[Path] = typer.Option(..., "--data", help="Calibration text: .txt, .jsonl ({\"text\": ...}) or a directory. Repeat for more."),
-    output: Path = typer.Option(..., "--output", help="Output directory: the distilled checkpoint and distill_report.json."),
-    tokens: int = typer.Option(1_000_000, "--tokens", help="Calibration tokens (cut into --seq-len sequences)."),
-    seq_len: int = typer.Option(256, "--seq-len", help="Tokens per calibration sequence (each from a fresh state)."),
-    stages: str = typer.Option("mixer,block,e2e", "--stages", help="Which stages: mixer, block, e2e (comma-separated)."),
-    mixer_steps: int = typer.Option(100, "--mixer-steps", help="Steps per layer aligning the token mixer with the attention."),
-    block_steps: int = typer.Option(100, "--block-steps", help="Steps per layer aligning the whole block with the layer."),
-    e2e_steps: int = typer.Option(200, "--e2e-steps", help="Steps of end-to-end KL against the teacher's logits."),
-    batch_size: int = typer.Option(16, "--batch-size", help="Sequences per step."),
-    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate of the layer-wise stages."),
-    e2e_lr: float = typer.Option(3e-4, "--e2e-lr", help="Peak learning rate of the end-to-end stage."),
-    top_k: int = typer.Option(64, "--top-k", help="Teacher logits kept per position for the KL."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the data order and sampling."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda if there)."),
-    memory_budget: str = typer.Option("2GB", "--memory-budget", help="Activations beyond this go to memory-mapped files."),
-    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Train layers as dask tasks on a LocalCluster of N worker processes."),
-    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Train layers as dask tasks on the cluster at ADDRESS."),
-    scheduler_file: Optional[Path] = typer.Option(None, "--scheduler-file", help="... or on the cluster this file describes."),
+    teacher: Path = typer.Option(..., "--teacher", metavar="DIR",
+                                 help="The source checkpoint (transformers layout, with config.json)."),
+    student: Path = typer.Option(..., "--student", metavar="PATH", help="Its MM-Rec conversion (shard-convert "
+                                 "output)."),
+    data: List[Path] = typer.Option(..., "--data", metavar="PATH", help="Calibration text: .txt, .jsonl "
+                                    "({\"text\": ...}) or a directory. Repeat for more."),
+    output: Path = typer.Option(..., "--output", metavar="DIR",
+                                help="Output directory: the distilled checkpoint and distill_report.json."),
+    tokens: int = typer.Option(1_000_000, "--tokens", metavar="N",
+                               help="Calibration tokens (cut into --seq-len sequences)."),
+    seq_len: int = typer.Option(256, "--seq-len", metavar="N",
+                                help="Tokens per calibration sequence (each from a fresh state)."),
+    stages: str = typer.Option("mixer,block,e2e", "--stages", metavar="LIST",
+                               help="Which stages: mixer, block, e2e (comma-separated)."),
+    mixer_steps: int = typer.Option(100, "--mixer-steps", metavar="N",
+                                    help="Steps per layer aligning the token mixer with the attention."),
+    block_steps: int = typer.Option(100, "--block-steps", metavar="N",
+                                    help="Steps per layer aligning the whole block with the layer."),
+    e2e_steps: int = typer.Option(200, "--e2e-steps", metavar="N",
+                                  help="Steps of end-to-end KL against the teacher's logits."),
+    batch_size: int = typer.Option(16, "--batch-size", metavar="N", help="Sequences per step."),
+    lr: float = typer.Option(1e-3, "--lr", metavar="LR", help="Peak learning rate of the layer-wise stages."),
+    e2e_lr: float = typer.Option(3e-4, "--e2e-lr", metavar="LR", help="Peak learning rate of the end-to-end "
+                                 "stage."),
+    top_k: int = typer.Option(64, "--top-k", metavar="K", help="Teacher logits kept per position for the KL."),
+    seed: int = typer.Option(0, "--seed", metavar="N", help="Seed of the data order and sampling."),
+    device: Optional[str] = typer.Option(None, "--device", metavar="DEVICE",
+                                         help="cpu, cuda or cuda:N (default: cuda if there)."),
+    memory_budget: str = typer.Option("2GB", "--memory-budget", metavar="SIZE",
+                                      help="Activations beyond this go to memory-mapped files."),
+    workers: Optional[int] = typer.Option(None, "--workers", metavar="N", min=1,
+                                          help="Train layers as dask tasks on a LocalCluster of N worker "
+                                          "processes."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", metavar="ADDRESS",
+                                            help="Train layers as dask tasks on the cluster at ADDRESS."),
+    scheduler_file: Optional[Path] = typer.Option(None, "--scheduler-file", metavar="FILE",
+                                                  help="... or on the cluster this file describes."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last finished layer."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier run in --output."),
     stop_after_layer: Optional[int] = typer.Option(None, "--stop-after-layer", hidden=True,
@@ -43,7 +60,7 @@ def distill(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
-    """Distil a converted MM-Rec from its source: per-layer alignment, then end-to-end KL."""
+    """Distil a converted MM-Rec from its source: layer by layer, then end to end on the teacher's logits."""
     from mmrec.shards import parse_size
 
     try:
@@ -67,6 +84,8 @@ def distill(
                   f"{record['tokens_per_s']:,.0f} tok/s  ETA {record['eta_s']:.0f}s", file=sys.stderr, flush=True)
 
     with clean_errors(debug):
+        if not quiet and sys.stderr.isatty():  # torch, transformers and the models take seconds: say so
+            print(f"loading {teacher} (teacher) and {student} (student) ...", file=sys.stderr, flush=True)
         from mmrec.streaming.distill.run import DistillOptions, DistillRefused
         from mmrec.streaming.graph import SchedulerChoice
         from mmrec.streaming.distill.run import distill as run

@@ -13,38 +13,58 @@ from .errors import EXIT_REFUSED, EXIT_USAGE, clean_errors, fail
 
 
 def finetune(
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="MM-Rec checkpoint (directory or .safetensors). "
-                                    "With --fresh only its config.json (and tokenizer) are used."),
-    data: List[Path] = typer.Option(..., "--data", help="Training text: .txt (one document per file), .jsonl "
-                                    "({\"text\": ...} per line) or a directory of them. Repeat for more."),
-    num_steps: int = typer.Option(..., "--num-steps", "--num_steps", min=1, help="Optimizer steps in the run."),
-    output: Path = typer.Option(..., "--output", help="Output directory (model, train_state/, loss log, plot)."),
-    lr: float = typer.Option(3e-4, "--lr", help="Peak learning rate (after warmup; cosine decay after it)."),
-    batch_size: int = typer.Option(8, "--batch-size", "--batch_size", min=1, help="Sequences per step (lanes)."),
-    seq_len: int = typer.Option(128, "--seq-len", "--seq_len", min=1,
+    checkpoint: Path = typer.Option(..., "--checkpoint", metavar="PATH",
+                                    help="MM-Rec checkpoint (directory or .safetensors), e.g. shard-convert's "
+                                    "output. With --fresh only its config.json (and tokenizer) are used."),
+    data: List[Path] = typer.Option(..., "--data", metavar="PATH", help="Training text: .txt (one document per "
+                                    "file), .jsonl ({\"text\": ...} per line) or a directory of them. Repeat for "
+                                    "more."),
+    num_steps: int = typer.Option(..., "--num-steps", "--num_steps", metavar="N", min=1,
+                                  help="Optimizer steps in the run."),
+    output: Path = typer.Option(..., "--output", metavar="DIR",
+                                help="Output directory (model, train_state/, loss log, plot)."),
+    lr: float = typer.Option(3e-4, "--lr", metavar="LR", help="Peak learning rate (after warmup; cosine decay "
+                             "after it)."),
+    batch_size: int = typer.Option(8, "--batch-size", "--batch_size", metavar="N", min=1,
+                                   help="Sequences per step (lanes)."),
+    seq_len: int = typer.Option(128, "--seq-len", "--seq_len", metavar="N", min=1,
                                 help="Tokens per lane per step; the recurrent state carries over between steps."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda if there)."),
+    device: Optional[str] = typer.Option(None, "--device", metavar="DEVICE",
+                                         help="cpu, cuda or cuda:N (default: cuda if there)."),
     grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Recompute blocks in backward."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --output."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier run in --output."),
     fresh: bool = typer.Option(False, "--fresh", help="Start from a fresh init of the checkpoint's config."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the data order, dropout and --fresh init."),
-    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", min=0,
+    seed: int = typer.Option(0, "--seed", metavar="N", help="Seed of the data order, dropout and --fresh init."),
+    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", metavar="N", min=0,
                                                help="Linear warmup steps (default: 10% of the steps, at most 100)."),
-    min_lr_ratio: float = typer.Option(0.1, "--min-lr-ratio", help="Cosine floor as a fraction of --lr."),
-    weight_decay: float = typer.Option(0.1, "--weight-decay", help="AdamW weight decay (matrices only)."),
-    grad_clip: float = typer.Option(1.0, "--grad-clip", help="Gradient norm clipping (0: off)."),
-    dropout: Optional[float] = typer.Option(None, "--dropout", help="Dropout while training (default: the config's)."),
-    eval_data: Optional[List[Path]] = typer.Option(None, "--eval-data", help="Held-out text, same formats as --data."),
-    eval_every: int = typer.Option(0, "--eval-every", min=0, help="Held-out loss every N steps (and at the ends)."),
-    eval_tokens: int = typer.Option(262144, "--eval-tokens", min=1, help="At most this many held-out tokens."),
-    save_every: int = typer.Option(0, "--save-every", min=0, help="Write a resumable state every N steps."),
-    max_shard_size: str = typer.Option("2GB", "--max-shard-size", help="Largest safetensors shard."),
-    save_dtype: Optional[str] = typer.Option(None, "--save-dtype", help="dtype of the final model (default float32)."),
-    tokenizer: str = typer.Option("auto", "--tokenizer", help="auto (tokenizer.json beside the checkpoint, "
-                                  "else bytes) or bytes."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: torch's)."),
-    log_every: Optional[int] = typer.Option(None, "--log-every", min=1, help="Progress line every N steps."),
+    min_lr_ratio: float = typer.Option(0.1, "--min-lr-ratio", metavar="X", help="Cosine floor as a fraction of "
+                                       "--lr."),
+    weight_decay: float = typer.Option(0.1, "--weight-decay", metavar="X", help="AdamW weight decay (matrices "
+                                       "only)."),
+    grad_clip: float = typer.Option(1.0, "--grad-clip", metavar="X", help="Gradient norm clipping (0: off)."),
+    dropout: Optional[float] = typer.Option(None, "--dropout", metavar="P",
+                                            help="Dropout while training (default: the config's; a conversion's "
+                                            "is 0)."),
+    eval_data: Optional[List[Path]] = typer.Option(None, "--eval-data", metavar="PATH",
+                                                   help="Held-out text, same formats as --data."),
+    eval_every: int = typer.Option(0, "--eval-every", metavar="N", min=0,
+                                   help="Held-out loss every N steps (and at the ends)."),
+    eval_tokens: int = typer.Option(262144, "--eval-tokens", metavar="N", min=1,
+                                    help="At most this many held-out tokens."),
+    save_every: int = typer.Option(0, "--save-every", metavar="N", min=0,
+                                   help="Write a resumable state every N steps."),
+    max_shard_size: str = typer.Option("2GB", "--max-shard-size", metavar="SIZE",
+                                       help="Largest safetensors shard."),
+    save_dtype: Optional[str] = typer.Option(None, "--save-dtype", metavar="DTYPE",
+                                             help="dtype of the final model: bfloat16, float16 or float32 "
+                                             "(default: the checkpoint's, its config.json torch_dtype)."),
+    tokenizer: str = typer.Option("auto", "--tokenizer", metavar="KIND", help="auto (tokenizer.json beside the "
+                                  "checkpoint, else bytes) or bytes."),
+    threads: Optional[int] = typer.Option(None, "--threads", metavar="N", min=1,
+                                          help="CPU threads for torch (default: torch's)."),
+    log_every: Optional[int] = typer.Option(None, "--log-every", metavar="N", min=1,
+                                            help="Progress line every N steps."),
     stop_at: Optional[int] = typer.Option(None, "--stop-at", min=1, hidden=True,
                                           help="Stop after this step as if interrupted (testing resume)."),
     json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
@@ -88,6 +108,8 @@ def finetune(
         print(line, file=sys.stderr, flush=True)
 
     with clean_errors(debug):
+        if not quiet and sys.stderr.isatty():  # torch and the model take seconds: say so at a terminal
+            print(f"loading {checkpoint} ...", file=sys.stderr, flush=True)
         from mmrec.training.finetune import FinetuneOptions, FinetuneRefused
         from mmrec.training.finetune import finetune as run
 

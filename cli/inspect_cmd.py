@@ -21,9 +21,11 @@ _ROWS = [("model type", "model_type"), ("layout", "layout"), ("vocab size", "voc
          ("bytes", "total_bytes")]
 
 
-def inspect(source: Path = typer.Argument(..., help="Checkpoint file or directory (any supported layout)."),
-            json_output: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
-            debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")):
+def inspect(source: Path = typer.Argument(..., metavar="SOURCE",
+                                          help="Checkpoint file or directory (any supported layout)."),
+            json_output: bool = typer.Option(False, "--json", metavar="",
+                                             help="Print one JSON object instead of a table."),
+            debug: bool = typer.Option(False, "--debug", metavar="", help="Show tracebacks.")):
     """Analyse a source checkpoint from its headers and config files."""
     with clean_errors(debug):
         catalog = open_source(source)

@@ -8,35 +8,51 @@ from typing import Optional
 import typer
 
 from .errors import clean_errors
-from .plan_options import DEFAULT_INIT_MODE, INIT_HELP, check_plan_options
+from .plan_options import (DEFAULT_INIT_MODE, FLAG, INIT_HELP, check_plan_options, check_sizes_for_source,
+                           hidden_alias, merge_alias, size_option)
 
 
-def _size(*names: str, help: str):
-    return typer.Option(None, *names, help=help, min=1)
-
-
-def plan(source: Path = typer.Argument(..., help="Checkpoint file or directory (any supported layout)."),
-         vocab_size: Optional[int] = _size("--vocab_size", "--vocab-size", help="Target vocabulary (default: source's)."),
-         model_dim: Optional[int] = _size("--model_dim", "--model-dim", help="Target hidden size D."),
-         num_layers: Optional[int] = _size("--num_layers", "--num-layers", help="Target layers."),
-         num_heads: Optional[int] = _size("--num_heads", "--num-heads", help="Target memory-attention heads."),
-         ffn_dim: Optional[int] = _size("--ffn_dim", "--ffn-dim", help="Target FFN width."),
-         mapping: str = typer.Option("default", "--mapping", help="Mapping table: default or extended."),
-         mapping_file: Optional[Path] = typer.Option(None, "--mapping-file", "--mapping_file",
+def plan(source: Path = typer.Argument(..., metavar="SOURCE",
+                                       help="Checkpoint file or directory (any supported layout)."),
+         vocab_size: Optional[int] = size_option("vocab_size", "Target vocabulary (default: source's)."),
+         model_dim: Optional[int] = size_option("model_dim", "Target hidden size D."),
+         num_layers: Optional[int] = size_option("num_layers", "Target layers."),
+         num_heads: Optional[int] = size_option("num_heads", "Target memory-attention heads."),
+         ffn_dim: Optional[int] = size_option("ffn_dim", "Target FFN width."),
+         mapping: str = typer.Option("default", "--mapping", metavar="TABLE",
+                                     help="Mapping table: default or extended."),
+         mapping_file: Optional[Path] = typer.Option(None, "--mapping-file", metavar="FILE",
                                                      help="Custom mapping (JSON or YAML)."),
-         layer_map: str = typer.Option("first", "--layer-map", "--layer_map",
-                                       help="first, uniform, or a list like 0,2,4,new."),
-         strict: bool = typer.Option(False, "--strict", help="Fail if any target tensor cannot come from the source."),
-         no_initialize_new: bool = typer.Option(False, "--no_initialize_new", "--no-initialize-new",
-                                                help="Plan only converted tensors (a partial checkpoint)."),
-         dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype (default: the source's)."),
-         seed: int = typer.Option(0, "--seed", help="Seed of new components."),
-         init: str = typer.Option(DEFAULT_INIT_MODE, "--init", help=INIT_HELP),
-         json_output: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
-         debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")):
+         layer_map: Optional[str] = typer.Option(None, "--layer-map", metavar="MAP",
+                                                 help="first (default), uniform, or a list like 0,2,4,new."),
+         strict: bool = typer.Option(False, "--strict", metavar=FLAG,
+                                     help="Fail if any target tensor cannot come from the source."),
+         no_initialize_new: bool = typer.Option(False, "--no-initialize-new", metavar=FLAG,
+                                                help="Plan only converted tensors (a partial checkpoint; or "
+                                                     "--no_initialize_new)."),
+         dtype: Optional[str] = typer.Option(None, "--dtype", metavar="DTYPE",
+                                             help="Output dtype (default: the source's)."),
+         seed: int = typer.Option(0, "--seed", metavar="INT", help="Seed of new components."),
+         init: str = typer.Option(DEFAULT_INIT_MODE, "--init", metavar="MODE", help=INIT_HELP),
+         json_output: bool = typer.Option(False, "--json", metavar=FLAG, help="Print the plan as JSON."),
+         debug: bool = typer.Option(False, "--debug", metavar=FLAG, help="Show tracebacks."),
+         # the guide's underscore spellings, accepted but not listed
+         vocab_size_: Optional[int] = hidden_alias("vocab_size"),
+         model_dim_: Optional[int] = hidden_alias("model_dim"),
+         num_layers_: Optional[int] = hidden_alias("num_layers"),
+         num_heads_: Optional[int] = hidden_alias("num_heads"),
+         ffn_dim_: Optional[int] = hidden_alias("ffn_dim"),
+         no_initialize_new_: bool = hidden_alias("no_initialize_new", flag=True),
+         mapping_file_: Optional[Path] = hidden_alias("mapping_file"),
+         layer_map_: Optional[str] = hidden_alias("layer_map")):
     """Plan a conversion to MM-Rec and print its summary (no tensor data is read)."""
-    overrides = {"vocab_size": vocab_size, "model_dim": model_dim, "num_layers": num_layers,
-                 "num_heads": num_heads, "ffn_dim": ffn_dim}
+    overrides = {name: merge_alias(name, value, alias) for name, value, alias in (
+        ("vocab_size", vocab_size, vocab_size_), ("model_dim", model_dim, model_dim_),
+        ("num_layers", num_layers, num_layers_), ("num_heads", num_heads, num_heads_),
+        ("ffn_dim", ffn_dim, ffn_dim_))}
+    no_initialize_new = no_initialize_new or no_initialize_new_
+    mapping_file = merge_alias("mapping_file", mapping_file, mapping_file_)
+    layer_map = merge_alias("layer_map", layer_map, layer_map_) or "first"
     check_plan_options(mapping, layer_map, dtype, overrides, init)
     with clean_errors(debug):
         from mmrec.streaming.analysis import analyze
@@ -45,7 +61,9 @@ def plan(source: Path = typer.Argument(..., help="Checkpoint file or directory (
         from mmrec.streaming.sources import open_source
 
         catalog = open_source(source)
-        result = build_plan(catalog, analyze(catalog), overrides, mapping=mapping, mapping_file=mapping_file,
+        analysis = analyze(catalog)
+        check_sizes_for_source(analysis, overrides)  # exit 2 when --num_heads & co. do not fit this source
+        result = build_plan(catalog, analysis, overrides, mapping=mapping, mapping_file=mapping_file,
                             layer_map=layer_map, strict=strict, initialize_new=not no_initialize_new,
                             dtype=dtype, seed=seed, init=init)
     if json_output:

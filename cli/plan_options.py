@@ -1,7 +1,17 @@
-"""Checks shared by every command that plans a conversion (`plan`, `shard-convert`): an option whose value
-is malformed is refused up front with exit 2, before any file is read."""
+"""Options shared by every command that plans a conversion (`plan`, `shard-convert`) and their checks: an
+option whose value is malformed is refused up front with exit 2, before any file is read; one that only the
+source shows wrong (`--num_heads 7` against a source of dim 64) is refused with exit 2 too, naming it.
+
+Help shows each option once: the dashed spelling (`--vocab-size`) with a readable placeholder. The guide's
+underscore spellings (`--vocab_size`) are accepted as hidden aliases, so the help column is never cut.
+"""
 
 from __future__ import annotations
+
+import re
+from typing import Any
+
+import typer
 
 from mmrec.streaming.plan.init_modes import DEFAULT_INIT_MODE, INIT_MODES
 
@@ -9,6 +19,44 @@ from .errors import EXIT_USAGE, fail
 
 INIT_HELP = (f"How tensors the source cannot fill start: {', '.join(INIT_MODES)} "
              f"(default {DEFAULT_INIT_MODE}; docs/init-modes.md).")
+
+FLAG = ""  # metavar of an on/off flag: no placeholder (typer would show <bool>)
+SIZE_NAMES = ("vocab_size", "model_dim", "num_layers", "num_heads", "ffn_dim")
+
+
+def size_option(name: str, help: str):
+    """A target size: `--model-dim N` in the help, which names the guide's `--model_dim` spelling too."""
+    return typer.Option(None, "--" + name.replace("_", "-"), metavar="N", help=f"{help} (or --{name})")
+
+
+def hidden_alias(name: str, flag: bool = False):
+    """The guide's underscore spelling of an option: accepted, not listed in the help."""
+    return typer.Option(False if flag else None, f"--{name}", hidden=True)
+
+
+def merge_alias(name: str, value: Any, alias: Any) -> Any:
+    """The value of an option given as --a-b or --a_b; both, with different values, is a bad option."""
+    if value is None or value is False:
+        return alias
+    if alias is not None and alias is not False and alias != value:
+        raise fail(f"--{name.replace('_', '-')} {value} and --{name} {alias} disagree; give one of them",
+                   EXIT_USAGE)
+    return value
+
+
+def check_size_option(option: str, value: str) -> int:
+    """--max-shard-size / --memory-budget: a positive size with a unit. A bare number is refused: `50`
+    would mean 50 bytes (131 one-tensor shards), almost never what was meant."""
+    from mmrec.shards import parse_size
+
+    try:
+        size = parse_size(value)
+    except ValueError as exc:
+        raise fail(f"{option}: {exc}", EXIT_USAGE) from None
+    if re.fullmatch(r"\s*[0-9]*\.?[0-9]+\s*", value):
+        raise fail(f"{option} {value.strip()}: a size needs a unit, e.g. {value.strip()}MB or {value.strip()}GB "
+                   f"(decimal; MiB/GiB are binary), or {value.strip()}B if you mean bytes", EXIT_USAGE)
+    return size
 
 
 def check_plan_options(mapping: str, layer_map: str, dtype: str | None, sizes: dict[str, int | None],
@@ -21,16 +69,67 @@ def check_plan_options(mapping: str, layer_map: str, dtype: str | None, sizes: d
     for name, value in sizes.items():
         if value is not None and value < 1:
             raise fail(f"--{name} must be a positive integer, got {value}", EXIT_USAGE)
+    dim, heads = sizes.get("model_dim"), sizes.get("num_heads")
+    if dim is not None and heads is not None and dim % heads:
+        raise fail(f"--num_heads {heads} must divide --model_dim {dim}", EXIT_USAGE)
     from mmrec.streaming.plan.model import PlanError
 
     try:
         if dtype is not None:
-            from mmrec.streaming.plan.target import dtype_code
+            from mmrec.streaming.plan.target import FLOAT_CODES, dtype_code
 
-            dtype_code(dtype)
+            if dtype_code(dtype) not in FLOAT_CODES:
+                raise fail(f"--dtype {dtype}: the output dtype must be a float type (bfloat16, float16, float32 "
+                           "or float64)", EXIT_USAGE)
         if layer_map not in ("first", "uniform"):
             from mmrec.streaming.plan.layers import parse_layer_list
 
             parse_layer_list(layer_map)  # its syntax; its length is checked against the source later
     except PlanError as exc:
         raise fail(str(exc), EXIT_USAGE) from None
+
+
+def check_sizes_for_source(analysis, sizes: dict[str, int | None]) -> None:
+    """Exit 2, naming the option, when the size options (not the source) make the target config invalid:
+    the target built from the source alone is valid, the one with the options is not."""
+    from mmrec.streaming.plan.model import PlanError
+    from mmrec.streaming.plan.target import build_target_config
+
+    overrides = {k: v for k, v in sizes.items() if v is not None}
+    if not overrides:
+        return
+    try:
+        build_target_config(analysis, overrides, "F32")
+        return
+    except PlanError as exc:
+        problem = str(exc)
+    try:
+        build_target_config(analysis, {}, "F32")
+    except PlanError:
+        return  # the source alone fails: a bad input, not a bad option
+    dim = overrides.get("model_dim", analysis.model_dim)
+    heads = overrides.get("num_heads", analysis.num_heads)
+    if dim % heads:
+        whose = "" if "model_dim" in overrides else " (the source's; --model_dim sets another)"
+        if "num_heads" in overrides:
+            problem = f"--num_heads {heads} must divide the model dim {dim}{whose}"
+        else:
+            problem = (f"--model_dim {dim} is not a multiple of the source's {heads} heads; give --num_heads "
+                       "too")
+    elif "--" not in problem:
+        problem += " (from " + ", ".join(f"--{k} {v}" for k, v in overrides.items()) + ")"
+    raise fail(problem, EXIT_USAGE)
+
+
+def recheck_sizes_for_source(source, sizes: dict[str, int | None]) -> None:
+    """After a plan failed: exit 2 if the size options caused it (headers only; nothing else is read)."""
+    if not any(v is not None for v in sizes.values()):
+        return
+    from mmrec.streaming.analysis import analyze
+    from mmrec.streaming.sources import open_source
+
+    try:
+        analysis = analyze(open_source(source))
+    except ValueError:
+        return  # the source's own problem: the original error says it
+    check_sizes_for_source(analysis, sizes)

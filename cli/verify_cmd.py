@@ -9,13 +9,15 @@ from typing import Optional
 import typer
 
 from .errors import EXIT_INPUT, clean_errors
+from .plan_options import FLAG
 
 
 def verify(
-    output: Path = typer.Argument(..., help="Converted checkpoint directory or .safetensors file."),
-    source: Optional[Path] = typer.Option(None, "--source", help="Also recompute transferred tensors from this source."),
-    json_output: bool = typer.Option(False, "--json", help="Print the result as JSON."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    output: Path = typer.Argument(..., metavar="OUTPUT", help="Converted checkpoint directory or .safetensors file."),
+    source: Optional[Path] = typer.Option(None, "--source", metavar="PATH",
+                                          help="Also recompute transferred tensors from this source."),
+    json_output: bool = typer.Option(False, "--json", metavar=FLAG, help="Print the result as JSON."),
+    debug: bool = typer.Option(False, "--debug", metavar=FLAG, help="Show tracebacks."),
 ) -> None:
     """Verify index <-> headers <-> file sizes and every tensor's checksum (exit 1 on any problem)."""
     with clean_errors(debug):
@@ -27,8 +29,13 @@ def verify(
     else:
         for problem in result.problems:
             typer.echo(f"problem: {problem}", err=True)
-        status = "OK" if result.ok else f"FAILED ({len(result.problems)} problems)"
-        typer.echo(f"{status}: {result.files} files, {result.tensors} tensors, {result.checksums_checked} "
-                   f"checksums checked" + (f", {result.recomputed} recomputed from the source" if source else ""))
+        status = "OK" if result.ok else f"FAILED ({_count(len(result.problems), 'problem')})"
+        typer.echo(f"{status}: {_count(result.files, 'file')}, {_count(result.tensors, 'tensor')}, "
+                   f"{_count(result.checksums_checked, 'checksum')} checked"
+                   + (f", {result.recomputed} recomputed from the source" if source else ""))
     if not result.ok:
         raise typer.Exit(EXIT_INPUT)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")

@@ -91,7 +91,8 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
                 raise _fail(path, "is a Git LFS pointer, not the weights (run `git lfs pull`)")
             (header_len,) = struct.unpack("<Q", prefix)
             if header_len > MAX_HEADER_BYTES:
-                raise _fail(path, f"header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte limit")
+                raise _fail(path, f"not a safetensors file (its first 8 bytes give a header length of "
+                                  f"{header_len}, over the {MAX_HEADER_BYTES}-byte limit)")
             if 8 + header_len > file_size:
                 raise _fail(path, f"header length {header_len} is larger than the file ({file_size} bytes); "
                                   "the file is truncated or not safetensors")

@@ -58,6 +58,11 @@ def detect_family(catalog: SourceCatalog) -> tuple[str, SizeSpec, bool]:
         return "llama", META_SIZES, False
     config = catalog.config or {}
     model_type = config.get("model_type")
+    if model_type == "mmrec" or (model_type is None and _looks_like_mmrec(catalog.tensors)):
+        where = catalog.root if model_type else catalog.files[0]  # no config.json: a single-file output
+        why = "config.json model_type 'mmrec'" if model_type else "MM-Rec tensor names"
+        raise SourceError(f"{where}: is already an MM-Rec checkpoint ({why}): already converted, nothing to "
+                          "convert; load it with MMRecModel.from_pretrained or check it with `mmrec verify`")
     if model_type is not None:
         if model_type not in FAMILIES:
             raise SourceError(f"{catalog.root}: model_type '{model_type}' is not a known family "
@@ -72,6 +77,11 @@ def detect_family(catalog: SourceCatalog) -> tuple[str, SizeSpec, bool]:
             return model_type, family, True
     raise SourceError(f"{catalog.root}: cannot tell the model family from its tensor names (no config.json "
                       f"with a model_type); describe its tensors in a custom mapping file (--mapping-file)")
+
+
+def _looks_like_mmrec(names) -> bool:
+    """MM-Rec parameter names (mmrec/schema.py), as in a single-file output whose config is in its metadata."""
+    return "embedding.weight" in names and "blocks.0.W_q.weight" in names and "blocks.0.mdi.W_g.weight" in names
 
 
 def analyze(catalog: SourceCatalog) -> SourceAnalysis:

@@ -92,30 +92,95 @@ class OutputState:
             return (self.directory / self.single_file).exists() or self.path.exists()
         return self.directory.exists() and any(self.directory.iterdir())
 
+    @property
+    def shown(self) -> Path:
+        """The output as the user named it (the directory, or the single file)."""
+        return self.directory / self.single_file if self.single_file else self.directory
+
+    def locked_by_another(self) -> bool:
+        """Whether a live run holds this output's lock. Probes an existing lock file only: creates nothing."""
+        if self._lock_fd is not None:
+            return False
+        try:
+            fd = os.open(self.path / "lock", os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # also releases the probe's own lock
+        return False
+
+    def check(self, resume: bool, overwrite: bool, identity: dict | None = None) -> None:
+        """Raise OutputRefused if a run with these flags would be refused; reads only, writes nothing.
+
+        What `--dry-run` reports, and the first thing `prepare` does. The cases, in order: the output is a
+        file where a directory is needed; a live run holds it (the lock); it holds an interrupted conversion
+        (`--resume` continues it, refused if `identity` differs from the recorded one); a finished one
+        (nothing to resume); anything else (only `--overwrite` writes into it).
+        """
+        if self.directory.exists() and not self.directory.is_dir():
+            raise OutputRefused(f"--output {self.directory} is a file, not a directory (a single-file output "
+                                "must end in .safetensors)")
+        if not self.output_exists():
+            return
+        if self.locked_by_another():
+            raise self._busy()
+        interrupted = self.path.exists()  # also when killed between the report and the state's removal
+        finished = not interrupted and (self.directory / self.report_name).exists()
+        if resume:
+            if interrupted:
+                if identity is not None:
+                    self._check_identity(identity)
+                return
+            if finished:
+                raise OutputRefused(f"cannot --resume {self.shown}: it holds a finished conversion "
+                                    f"({self.report_name}), there is nothing to resume; "
+                                    + ("drop --resume to replace it" if overwrite else
+                                       "pass --overwrite to convert again"))
+            raise OutputRefused(f"cannot --resume {self.shown}: it holds no interrupted conversion")
+        if overwrite:
+            return
+        if interrupted:
+            raise OutputRefused(f"--output {self.shown} holds an interrupted conversion; pass --resume to "
+                                "continue it or --overwrite to start again")
+        if finished:
+            raise OutputRefused(f"--output {self.shown} already holds a finished conversion "
+                                f"({self.report_name}); pass --overwrite to replace it, or choose another output")
+        if self.single_file:
+            raise OutputRefused(f"--output {self.shown} exists; pass --overwrite to replace it")
+        raise OutputRefused(f"--output {self.shown} exists and is not empty; pass --overwrite to write into it "
+                            "(a previous conversion's files are replaced, other files kept) or choose another "
+                            "output")
+
+    def _busy(self) -> OutputRefused:
+        return OutputRefused(f"another conversion is writing to {self.directory}; refusing to run two at once")
+
+    def _check_identity(self, identity: dict) -> None:
+        recorded = self._read_identity()
+        if recorded != identity:
+            changed = sorted(k for k in set(identity) | set(recorded or {})
+                             if (recorded or {}).get(k) != identity.get(k))
+            raise OutputRefused(f"cannot --resume {self.shown}: the {', '.join(changed)} changed "
+                                "since the interrupted run; use --overwrite to start again")
+
     # -- lifecycle ------------------------------------------------------------------------------------
     def prepare(self, identity: dict, resume: bool, overwrite: bool, shard_names: list[str],
                 aux_names: list[str]) -> set[str]:
         """Create or reuse the state dir; return the shards a resume may keep."""
-        if self.directory.exists() and not self.directory.is_dir():
-            raise OutputRefused(f"--output {self.directory} is a file, not a directory (a single-file output "
-                                "must end in .safetensors)")
+        self.check(resume, overwrite)
         if self.output_exists():
-            if resume and self.path.exists():
+            if resume:  # check() let it through: an interrupted conversion is there
                 self._lock()
-                recorded = self._read_identity()
-                if recorded != identity:
-                    changed = sorted(k for k in set(identity) | set(recorded or {})
-                                     if (recorded or {}).get(k) != identity.get(k))
+                try:  # compared under the lock: nobody can rewrite run.json meanwhile
+                    self._check_identity(identity)
+                except OutputRefused:
                     self.unlock()
-                    raise OutputRefused(f"cannot --resume {self.directory}: the {', '.join(changed)} changed "
-                                        "since the interrupted run; use --overwrite to start again")
+                    raise
                 return self._complete_shards(shard_names)
-            if resume:
-                raise OutputRefused(f"cannot --resume {self.directory}: it holds no interrupted conversion")
-            if not overwrite:
-                raise OutputRefused(f"--output {self.directory / (self.single_file or '')} exists and is not "
-                                    "empty; pass --overwrite to replace it or --resume to continue it")
-            self._lock()  # held from here on: nobody else can start on this output meanwhile
+            self._lock()  # --overwrite; held from here on: nobody else can start on this output meanwhile
             for path in self.stale_outputs(aux_names):
                 if path.is_file():
                     path.unlink()
@@ -139,8 +204,7 @@ class OutputState:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise OutputRefused(f"another conversion is writing to {self.directory}; refusing to run "
-                                "two at once") from None
+            raise self._busy() from None
         self._lock_fd = fd
 
     def unlock(self) -> None:

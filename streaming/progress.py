@@ -34,7 +34,8 @@ class Progress:
                                        TimeRemainingColumn, TransferSpeedColumn)
 
             self._bar = RichProgress(TextColumn("converting"), BarColumn(), DownloadColumn(),
-                                     TransferSpeedColumn(), TextColumn("{task.fields[tensors]}"),
+                                     TextColumn("written at"), TransferSpeedColumn(),
+                                     TextColumn("{task.fields[tensors]}"),
                                      TimeRemainingColumn(), transient=False)
             self._task = self._bar.add_task("convert", total=total_bytes, completed=done_bytes,
                                             tensors=self._tensor_text())
@@ -45,6 +46,7 @@ class Progress:
 
     @property
     def rate(self) -> float:
+        """Output bytes written per second by this run (the summary's rate counts bytes read too)."""
         elapsed = time.monotonic() - self.started
         return (self.bytes - self.start_bytes) / elapsed if elapsed > 0 else 0.0
 
@@ -53,7 +55,7 @@ class Progress:
         eta = (self.total_bytes - self.bytes) / rate if rate > 0 else float("nan")
         pct = 100.0 * self.bytes / self.total_bytes if self.total_bytes else 100.0
         return (f"converted {human_bytes(self.bytes)}/{human_bytes(self.total_bytes)} ({pct:.0f}%), "
-                f"{self._tensor_text()}, {human_bytes(rate)}/s, ETA {eta:.0f}s")
+                f"{self._tensor_text()}, written {human_bytes(rate)}/s, ETA {eta:.0f}s")
 
     def advance(self, nbytes: int = 0, tensors: int = 0) -> None:
         self.bytes += nbytes

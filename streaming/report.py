@@ -77,9 +77,11 @@ def summary_text(report: dict) -> str:
         lines.append(f"shape mismatches: {len(report['shape_mismatches'])}")
     timings = report.get("timings") or {}
     if timings.get("total_seconds") is not None:
+        # throughput_bytes_per_second = (read + written) / the whole run, planning included; the progress
+        # line's rate counts written bytes only, while writing
         lines.append(f"time: {timings['total_seconds']:.1f} s, read {_mb(timings['bytes_read'])} + wrote "
-                     f"{_mb(timings['bytes_written'])} at {_mb(timings['throughput_bytes_per_second'])}/s "
-                     f"({timings['scheduler']}, {timings['concurrency']} at once"
+                     f"{_mb(timings['bytes_written'])}: {_mb(timings['throughput_bytes_per_second'])}/s "
+                     f"read+written over the whole run ({timings['scheduler']}, {timings['concurrency']} at once"
                      + (f", {timings['resumed_shards']} shards kept from the interrupted run" if
                         timings.get("resumed_shards") else "") + ")")
     lines += [f"warning: {w}" for w in report["warnings"]]

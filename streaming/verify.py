@@ -18,7 +18,7 @@ from mmrec.config import MMRecConfig
 from mmrec.safetensors_format import SafetensorsFormatError, read_header
 from mmrec.schema import parameter_specs
 
-from .output import REPORT_NAME
+from .output import REPORT_NAME, STATE_DIR
 from .plan.model import TensorPlan
 from .checksums import ALGORITHM as CHECKSUM_ALGORITHM, WHOLE_TENSOR_ALGORITHM, file_checksum
 
@@ -88,19 +88,46 @@ def verify(output: str | Path, source: str | Path | None = None, block_bytes: in
                 result.problems.append(f"tensor '{name}' is stored in both {spans[name][0].name} and {file.name}")
             spans[name] = (file, span)
     result.files, result.tensors = len(headers), len(spans)
+    missing_report = None if report_path.exists() else _missing_report(output, report_path, headers, spans)
+    if missing_report is not None and missing_report[1]:  # a source checkpoint: nothing else to say about it
+        result.problems[:] = [missing_report[0]]
+        return result
     if index_path is not None:
         _check_index(index_path, spans, result)
     config = _config(output, files, headers, result)
     if config is not None:
         _check_schema(config, spans, result)
-    report = json.loads(report_path.read_text()) if report_path.exists() else None
-    if report is None:
-        result.problems.append(f"{report_path}: missing (the conversion did not finish)")
+    report = json.loads(report_path.read_text()) if missing_report is None else None
+    if missing_report is not None:
+        result.problems.append(missing_report[0])
     else:
         _check_checksums(report, spans, result)
         if source is not None:
             _recompute(report, spans, Path(source), block_bytes, result)
     return result
+
+
+def _missing_report(output: Path, report_path: Path, headers: dict, spans: dict) -> tuple[str, bool]:
+    """Why there is no conversion report, in words: (message, whether the output is a source checkpoint)."""
+    state = output / STATE_DIR if output.is_dir() else output.with_name(f".{output.name}{STATE_DIR}")
+    if state.exists():
+        return (f"{report_path}: missing; the conversion did not finish (rerun `mmrec shard-convert` with "
+                "--resume to complete it)", False)
+    model_type = None
+    if output.is_dir():
+        try:
+            model_type = json.loads((output / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            model_type = None
+    elif any(CONFIG_METADATA_KEY in h.metadata for h in headers.values()):
+        model_type = "mmrec"
+    if (model_type is not None and model_type != "mmrec") or (model_type is None and spans
+                                                              and "embedding.weight" not in spans):
+        kind = f" (model_type {model_type!r})" if isinstance(model_type, str) else ""
+        return (f"{output}: holds no conversion report ({report_path.name}); it looks like a source "
+                f"checkpoint{kind}, not a converted one: convert it first with `mmrec shard-convert`", True)
+    return (f"{report_path}: missing, so no checksum can be checked (the output was not written by `mmrec "
+            "shard-convert`, or its report was removed)", False)
 
 
 def _check_index(index_path: Path, spans: dict, result: VerifyResult) -> None:

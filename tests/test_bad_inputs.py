@@ -122,7 +122,7 @@ for _name, _keep, _words in [
         lambda tmp, c, keep=_keep: _cut(c.single(), keep))
 
 # -- safetensors: headers that lie ----------------------------------------------------------------------------
-case("header-length-bomb-2^64", 1, "model.safetensors", "exceeds the 100000000-byte limit")(
+case("header-length-bomb-2^64", 1, "model.safetensors", "not a safetensors file", "over the 100000000-byte limit")(
     lambda tmp, c: c.raw_safetensors({}, length=2**64 - 1))
 case("header-length-past-eof", 1, "model.safetensors", "larger than the file")(
     lambda tmp, c: c.raw_safetensors(b"{}", length=50_000_000))
@@ -325,7 +325,8 @@ case("mapping-file-unknown-op", 1, "--mapping-file", "explode",
 case("mapping-file-unknown-key", 1, "--mapping-file", "unknown keys", "'sauce'",
      args=("--mapping-file", "{tmp}/map.yaml"))(
     lambda tmp, c: ((tmp / "map.yaml").write_text("- target: norm.weight\n  sauce: norm.weight\n"), c.sharded())[1])
-case("target-heads-do-not-divide-dim", 1, "'num_heads' (7) must divide", args=("--num_heads", "7"))(lambda tmp, c: c.sharded())
+case("target-heads-do-not-divide-dim", 2, "--num_heads 7 must divide the model dim 64", args=("--num_heads", "7"))(
+    lambda tmp, c: c.sharded())
 case("layer-map-names-missing-layer", 1, "--layer-map", args=("--layer-map", "0,9"))(lambda tmp, c: c.sharded())
 # Option values whose syntax the command checks before reading anything: exit 2.
 case("layer-map-not-numbers", 2, "--layer-map", "'x' is not a layer number", args=("--layer-map", "x,y"))(
@@ -404,7 +405,8 @@ def test_real_process_one_line_and_debug_traceback(tmp_path):
     bad.write_bytes(struct.pack("<Q", 2**40) + b"{}")
     plain = _run("shard-convert", "--source", bad, "--output", tmp_path / "out")
     assert plain.returncode == 1 and plain.stdout == ""
-    assert plain.stderr.splitlines() == [f"error: {bad}: header length {2**40} exceeds the 100000000-byte limit"]
+    assert plain.stderr.splitlines() == [f"error: {bad}: not a safetensors file (its first 8 bytes give a header "
+                                         f"length of {2**40}, over the 100000000-byte limit)"]
     debug = _run("shard-convert", "--source", bad, "--output", tmp_path / "out", "--debug")
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "SourceError" in debug.stderr
     assert not (tmp_path / "out").exists()

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shlex
 import shutil
 import time
 from pathlib import Path
@@ -84,7 +85,7 @@ class FinetuneOptions:
     eval_tokens: int = 262_144  # at most this many held-out tokens per evaluation
     save_every: int = 0  # 0: only at the end (and when interrupted)
     max_shard_size: str = "2GB"
-    save_dtype: str | None = None  # dtype of the final model; default float32
+    save_dtype: str | None = None  # dtype of the final model; default: the checkpoint's (config torch_dtype)
     tokenizer: str = "auto"  # "auto": tokenizer.json beside the checkpoint, else bytes; or "bytes"
     stop_at: int | None = None  # stop after this step as if interrupted (leaves a resumable state)
     threads: int | None = None  # CPU threads for torch during the run (default: torch's)
@@ -131,6 +132,41 @@ class FinetuneOptions:
         out["checkpoint"] = str(Path(self.checkpoint).resolve())
         out["data"] = [str(Path(p).resolve()) for p in self.data]
         return out
+
+
+def _refuse_other_checkpoints(checkpoint: Path) -> None:
+    """A Hugging Face folder (config.json of another model_type) gets the command that converts it."""
+    config_path = checkpoint if checkpoint.suffix == ".json" else checkpoint_dir(checkpoint) / "config.json"
+    if checkpoint.is_file() and checkpoint.suffix == ".safetensors":
+        from ..checkpoint import CONFIG_METADATA_KEY, read_header
+
+        try:
+            if CONFIG_METADATA_KEY in read_header(checkpoint).metadata:
+                return  # a single file carrying its own MM-Rec config: that config wins
+        except (OSError, ValueError):
+            return  # the loader names the problem
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError):
+        return  # missing or unreadable: the loader names the problem
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type is None or model_type == "mmrec":
+        return
+    source = checkpoint_dir(checkpoint) if checkpoint.suffix == ".json" else checkpoint
+    target = source.parent / (source.name.removesuffix(".safetensors") + "-mmrec")
+    raise CheckpointError(f"{checkpoint}: is a {model_type!r} checkpoint, not MM-Rec; convert it first with "
+                          f"`mmrec shard-convert --source {shlex.quote(str(source))} --output "
+                          f"{shlex.quote(str(target))}` and fine-tune the result")
+
+
+def _stored_dtype(config: MMRecConfig) -> str:
+    """The default dtype of the final model: the checkpoint's own (a bf16 conversion stays bf16, half the
+    bytes of float32), from its config's torch_dtype; float32 when that names no floating dtype."""
+    try:
+        dtype = torch_dtype(config.torch_dtype) if config.torch_dtype else torch.float32
+    except ValueError:
+        dtype = torch.float32
+    return str(dtype if dtype.is_floating_point else torch.float32).replace("torch.", "")
 
 
 def _clear_output(output: Path) -> None:
@@ -230,6 +266,7 @@ def _finetune(options: FinetuneOptions, progress) -> dict[str, Any]:
     device = resolve_device(options.device)
     if not options.checkpoint.exists():
         raise CheckpointError(f"{options.checkpoint}: no such file or directory")
+    _refuse_other_checkpoints(options.checkpoint)
     if not options.fresh:
         checkpoint_files(options.checkpoint)  # a clear error before anything is read or written
     resume_dir = _prepare_output(options)
@@ -239,6 +276,7 @@ def _finetune(options: FinetuneOptions, progress) -> dict[str, Any]:
     config = (MMRecConfig.load(options.checkpoint if options.checkpoint.suffix == ".json"
                                else checkpoint_dir(options.checkpoint) / "config.json")
               if options.fresh else checkpoint_files(options.checkpoint)[1])
+    save_dtype = options.save_dtype or _stored_dtype(config)
     tokenizer = load_tokenizer(options.checkpoint, options.tokenizer)
     if tokenizer.vocab_size > config.vocab_size and tokenizer.kind == "bytes":
         raise DataError(f"the byte-level tokenizer needs vocab_size >= 256; the model has {config.vocab_size}")
@@ -373,7 +411,7 @@ def _finetune(options: FinetuneOptions, progress) -> dict[str, Any]:
     _save_train_state(output, model, optimizer, state, step, tokens, options)
 
     finished = step >= options.num_steps
-    write_model(model, output, options.max_shard_size, dtype=options.save_dtype)
+    write_model(model, output, options.max_shard_size, dtype=save_dtype)
     losses = [r["loss"] for r in records if r.get("loss") is not None]
     skipped_steps = sum(1 for r in records if r.get("skipped"))
     evals = [r for r in records if "eval_loss" in r]
@@ -397,6 +435,7 @@ def _finetune(options: FinetuneOptions, progress) -> dict[str, Any]:
         "resumed_from_step": start_step if resume_dir is not None else None,
         "parameters": model.num_parameters(),
         "device": str(device),
+        "save_dtype": str(torch_dtype(save_dtype)).replace("torch.", ""),  # the final model's
         "tokenizer": tokenizer.kind,
         "train_tokens_available": int(train_ids.numel()),
         "eval_tokens_available": int(eval_ids.numel()) if eval_ids is not None else None,

@@ -78,6 +78,7 @@ def build_target_config(a: Any, overrides: dict | None, out_dtype: str) -> tuple
             ffn_dim=int(sizes["ffn_dim"]), ffn_act=act, ffn_gated=bool(getattr(a, "gated_mlp", False)),
             tie_word_embeddings=True if tied is None else bool(tied),
             norm_eps=float(eps) if eps is not None else 1e-6,
+            dropout=0.0,  # inference and distillation run without it; `mmrec finetune --dropout P` trains with one
             torch_dtype=CODE_TO_TORCH_NAME[out_dtype])
     except ConfigError as exc:
         message = str(exc)  # hint the option named first in the message
