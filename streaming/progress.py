@@ -19,8 +19,10 @@ class Progress:
     otherwise (CI logs, batch jobs), nothing when quiet."""
 
     def __init__(self, total_bytes: int, total_tensors: int, done_bytes: int = 0, done_tensors: int = 0,
-                 quiet: bool = False, stream=None, line_interval: float = 5.0):
+                 quiet: bool = False, stream=None, line_interval: float = 5.0,
+                 verbs: tuple[str, str] = ("converting", "converted")):
         self.total_bytes, self.total_tensors = total_bytes, total_tensors
+        self.verbs = verbs  # (live bar, plain lines): e.g. ("writing", "wrote") for `mmrec synth`
         self.bytes, self.tensors = done_bytes, done_tensors
         self.start_bytes = done_bytes
         self.started = time.monotonic()
@@ -33,7 +35,7 @@ class Progress:
             from rich.progress import (BarColumn, DownloadColumn, Progress as RichProgress, TextColumn,
                                        TimeRemainingColumn, TransferSpeedColumn)
 
-            self._bar = RichProgress(TextColumn("converting"), BarColumn(), DownloadColumn(),
+            self._bar = RichProgress(TextColumn(verbs[0]), BarColumn(), DownloadColumn(),
                                      TextColumn("written at"), TransferSpeedColumn(),
                                      TextColumn("{task.fields[tensors]}"),
                                      TimeRemainingColumn(), transient=False)
@@ -54,7 +56,7 @@ class Progress:
         rate = self.rate
         eta = (self.total_bytes - self.bytes) / rate if rate > 0 else float("nan")
         pct = 100.0 * self.bytes / self.total_bytes if self.total_bytes else 100.0
-        return (f"converted {human_bytes(self.bytes)}/{human_bytes(self.total_bytes)} ({pct:.0f}%), "
+        return (f"{self.verbs[1]} {human_bytes(self.bytes)}/{human_bytes(self.total_bytes)} ({pct:.0f}%), "
                 f"{self._tensor_text()}, written {human_bytes(rate)}/s, ETA {eta:.0f}s")
 
     def advance(self, nbytes: int = 0, tensors: int = 0) -> None:

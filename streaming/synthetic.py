@@ -36,14 +36,6 @@ _POOL_ELEMENTS = 1 << 22
 _BLOCK_BYTES = 32 << 20
 
 
-class _WriteProgress(Progress):
-    """shard-convert's progress, worded for writing."""
-
-    def line(self) -> str:
-        text = super().line()
-        return "wrote" + text[len("converted"):] if text.startswith("converted") else text
-
-
 def _previous_outputs(out: Path) -> list[Path]:
     """What an earlier synth or conversion into `out` leaves: weights, index, config.json, the conversion
     report, tokenizer files and the conversion's state directory (`--overwrite` removes these)."""
@@ -141,7 +133,7 @@ def write_synthetic_llama(out: str | os.PathLike, preset: str = "tiny", dtype: s
         note = f" (kept {len(kept)} other file{'s' * (len(kept) > 1)}: {', '.join(kept)})" if kept else ""
         print(f"writing a {preset} llama checkpoint to {out}: {human_bytes(total)} in {len(tensors)} tensors, "
               f"{len(groups)} shard{'s' * (len(groups) > 1)}{note}", file=stream, flush=True)
-    progress = _WriteProgress(total, len(tensors), quiet=quiet, stream=stream)
+    progress = Progress(total, len(tensors), quiet=quiet, stream=stream, verbs=("writing", "wrote"))
     pool = _random_pool(dtype, seed)
     rng = np.random.default_rng(seed)
     weight_map = {}
