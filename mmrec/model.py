@@ -6,6 +6,7 @@ is one fused [B, D] x [D, 2D] product per step plus elementwise work, with no ho
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import NamedTuple
 
@@ -97,6 +98,51 @@ class MMRecBlock(nn.Module):
         if config.ffn_gated:
             self.ffn_gate = nn.Linear(D, F_)
         self.dropout = nn.Dropout(config.dropout)
+        # The fused h-weight [W_g ; C], kept only inside MMRecModel.fused_weights() (see h_weight).
+        self._w_h: tuple | None = None
+
+    def _h_sources(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.W_g.weight, self.mdi.W_g.weight
+
+    @staticmethod
+    def _version_of(t: torch.Tensor):
+        try:
+            return t._version
+        except RuntimeError:  # an inference tensor keeps no version counter
+            return None
+
+    def cache_h_weight(self) -> None:
+        """Build the fused h-weight once and keep it until drop_h_weight(); no autograd graph."""
+        sources = self._h_sources()
+        with torch.no_grad():
+            w_h = self._fuse_h_weight(*sources)
+        # Holding the sources keeps their storage alive, so a data_ptr seen again is the same memory.
+        self._w_h = (w_h, tuple((s.detach(), s.data_ptr(), self._version_of(s), s.dtype, s.device)
+                                for s in sources))
+
+    def drop_h_weight(self) -> None:
+        self._w_h = None
+
+    def _fuse_h_weight(self, w_g: torch.Tensor, w_mdi: torch.Tensor) -> torch.Tensor:
+        return torch.cat([w_g, w_mdi[:, self.config.model_dim:]], dim=0)
+
+    def h_weight(self) -> torch.Tensor:
+        """w_h = [W_g ; C] ([2D, D]): one product gives both gates' h-terms (recurrence.py).
+
+        Concatenating it writes 2 x D x D values, about what a one-token step's recurrence product reads.
+        Inside MMRecModel.fused_weights() (which generate() uses) it is built once and reused while both
+        source weights are unchanged: same storage, same version counter (in-place updates such as
+        optimizer steps and load_state_dict bump it), same dtype and device. When autograd needs it, or a
+        source changed, it is concatenated again here.
+        """
+        sources = self._h_sources()
+        cached = self._w_h
+        if cached is not None and not (torch.is_grad_enabled() and any(s.requires_grad for s in sources)):
+            w_h, keys = cached
+            if all(s.data_ptr() == ptr and self._version_of(s) == version and s.dtype == dtype
+                   and s.device == device for s, (_, ptr, version, dtype, device) in zip(sources, keys)):
+                return w_h
+        return self._fuse_h_weight(*sources)
 
     def initial_state(self, batch: int, device, dtype) -> BlockState:
         D, P = self.config.model_dim, self.config.pooled_slots
@@ -120,11 +166,9 @@ class MMRecBlock(nn.Module):
         xn = self.norm1(x)
         q, k, v, z = self.W_q(xn), self.W_k(xn), self.W_v(xn), self.W_z(xn)
         gamma = self.mdi.decay(z, k)
-        w_mdi = self.mdi.W_g.weight
-        z_gate = F.linear(z, w_mdi[:, :D], self.mdi.W_g.bias)
-        w_h = torch.cat([self.W_g.weight, w_mdi[:, D:]], dim=0)
+        z_gate = F.linear(z, self.mdi.W_g.weight[:, :D], self.mdi.W_g.bias)
         # 3. The sequential recurrence.
-        hs = recurrence(z, gamma * 1.1 + 0.1, z_gate, w_h, self.W_g.bias, h)
+        hs = recurrence(z, gamma * 1.1 + 0.1, z_gate, self.h_weight(), self.W_g.bias, h)
         query = self.multi_mem_attention.W_q(hs) + 0.5 * q
         # 4-6. Memory attention and FFN, batched within each stretch between memory writes.
         outputs, start, T = [], 0, x.shape[1]
@@ -199,19 +243,46 @@ class MMRecModel(nn.Module):
             new_state.append(block_state)
         return self.lm_head(self.norm(x)), tuple(new_state)
 
+    @contextlib.contextmanager
+    def fused_weights(self):
+        """`with model.fused_weights():` each block concatenates its h-weight [W_g ; C] once, not per call.
+
+        For one-token steps (a decode loop: `logits, state = model(token, state)`) that concatenation
+        copied 2 x D x D values per block per token; here it is built on entry and reused while its
+        source weights are unchanged (a changed weight, or a forward that needs their gradient, falls back
+        to concatenating). The fused copies take 2 x D x D values per block until the with-statement
+        exits. generate() uses it; nested uses keep the outer one's copies.
+        """
+        outer = any(block._w_h is not None for block in self.blocks)
+        if not outer:
+            for block in self.blocks:
+                block.cache_h_weight()
+        try:
+            yield self
+        finally:
+            if not outer:
+                for block in self.blocks:
+                    block.drop_h_weight()
+
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
                  top_k: int | None = None, generator: torch.Generator | None = None,
                  cuda_graph: bool = True) -> torch.Tensor:
-        """Sample max_new_tokens after input_ids [B, T]; temperature 0 is greedy.
+        """Continue input_ids [B, T] by max_new_tokens tokens: [B, T + max_new_tokens].
 
-        The recurrent state carries the whole prefix, so each new token costs one single-token step; on a
-        GPU those steps replay as one CUDA graph (cuda_graph=False runs them eagerly).
+        Greedy (argmax) by default. Sampling only when temperature > 0: softmax(logits / temperature),
+        restricted to the top_k most likely tokens when top_k is given, drawn with `generator`; top_k and
+        generator are unused when greedy.
+
+        The recurrent state carries the whole prefix, so each new token costs one single-token step, run
+        with the blocks' fused weights built once for the call (fused_weights()); on a GPU those steps
+        replay as one CUDA graph (cuda_graph=False runs them eagerly).
         """
         was_training = self.training
         self.eval()
         try:
-            return self._generate(input_ids, max_new_tokens, temperature, top_k, generator, cuda_graph)
+            with self.fused_weights():
+                return self._generate(input_ids, max_new_tokens, temperature, top_k, generator, cuda_graph)
         finally:
             self.train(was_training)
 
@@ -220,14 +291,14 @@ class MMRecModel(nn.Module):
             input_ids = input_ids.unsqueeze(0)
         logits, state = self(input_ids)
         step = self
-        if cuda_graph and input_ids.is_cuda and max_new_tokens > 1 and self.config.memory_segment_len > 1:
+        if cuda_graph and input_ids.is_cuda and max_new_tokens > 2 and self.config.memory_segment_len > 1:
             from .decode_graph import DecodeGraph
 
             step = DecodeGraph(self, state, input_ids.shape[0]).step
         tokens = [input_ids]
-        for _ in range(max_new_tokens):
+        for i in range(max_new_tokens):
             next_logits = logits[:, -1].float()
-            if temperature <= 0:
+            if temperature is None or temperature <= 0:
                 next_token = next_logits.argmax(dim=-1, keepdim=True)
             else:
                 next_logits = next_logits / temperature
@@ -237,7 +308,8 @@ class MMRecModel(nn.Module):
                 probs = torch.softmax(next_logits, dim=-1)
                 next_token = torch.multinomial(probs, 1, generator=generator)
             tokens.append(next_token)
-            logits, state = step(next_token, state)
+            if i + 1 < max_new_tokens:  # the last token needs no step after it
+                logits, state = step(next_token, state)
         return torch.cat(tokens, dim=1)
 
     # Checkpoint I/O lives in checkpoint.py; these are the familiar entry points.
