@@ -30,7 +30,8 @@ def shard_convert(
     mapping: str = typer.Option("default", "--mapping", metavar="TABLE", help="Mapping table: default or extended."),
     mapping_file: Optional[Path] = typer.Option(None, "--mapping-file", metavar="FILE",
                                                 help="JSON/YAML mapping that replaces or extends the table."),
-    layer_map: str = typer.Option("first", "--layer-map", metavar="MAP", help="first, uniform, or a list like 0,2,4."),
+    layer_map: Optional[str] = typer.Option(None, "--layer-map", metavar="MAP",
+                                            help="first (default), uniform, or a list like 0,2,4."),
     dtype: Optional[str] = typer.Option(None, "--dtype", metavar="DTYPE",
                                         help="Output dtype (bfloat16, float16, float32); default: the source's."),
     seed: int = typer.Option(0, "--seed", metavar="INT", help="Seed of the new components' init."),
@@ -66,6 +67,8 @@ def shard_convert(
     num_heads_: Optional[int] = hidden_alias("num_heads"),
     ffn_dim_: Optional[int] = hidden_alias("ffn_dim"),
     no_initialize_new_: bool = hidden_alias("no_initialize_new", flag=True),
+    mapping_file_: Optional[Path] = hidden_alias("mapping_file"),
+    layer_map_: Optional[str] = hidden_alias("layer_map"),
 ) -> None:
     """Convert a Transformer checkpoint to MM-Rec, streaming one tensor at a time."""
     from mmrec.streaming.graph import SchedulerChoice
@@ -80,6 +83,8 @@ def shard_convert(
         ("num_layers", num_layers, num_layers_), ("num_heads", num_heads, num_heads_),
         ("ffn_dim", ffn_dim, ffn_dim_))}
     no_initialize_new = no_initialize_new or no_initialize_new_
+    mapping_file = merge_alias("mapping_file", mapping_file, mapping_file_)
+    layer_map = merge_alias("layer_map", layer_map, layer_map_) or "first"
     check_plan_options(mapping, layer_map, dtype, sizes, init)
     overrides = {k: v for k, v in sizes.items() if v is not None}
     with clean_errors(debug):

@@ -234,6 +234,11 @@ def test_underscore_spellings_still_work(source, tmp_path):
     assert plan["target_config"]["vocab_size"] == 300 and plan["options"]["initialize_new"] is False
     dashed = cli("plan", source, "--vocab-size", "300", "--no-initialize-new", "--layer-map", "uniform", "--json")
     assert dashed.stdout == result.stdout
+    # shard-convert takes the same spellings as plan (its --layer_map used to exit 2)
+    converted = cli("shard-convert", "--source", source, "--output", tmp_path / "out", "--vocab_size", "300",
+                    "--no_initialize_new", "--layer_map", "uniform", "--dry-run", "--json", "-q")
+    assert converted.exit_code == 0, converted.output
+    assert json.loads(converted.stdout)["options"] == plan["options"]
 
 
 def test_a_junk_safetensors_is_not_a_safetensors_file(tmp_path):
