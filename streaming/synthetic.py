@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -33,15 +34,19 @@ PRESETS = {
 }
 DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 _POOL_ELEMENTS = 1 << 22
+_SHARD_NAME = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")  # what a synth or a conversion names its shards
 _BLOCK_BYTES = 32 << 20
 
 
 def _previous_outputs(out: Path) -> list[Path]:
     """What an earlier synth or conversion into `out` leaves: weights, index, config.json, the conversion
     report, tokenizer files and the conversion's state directory (`--overwrite` removes these)."""
-    paths = [*checkpoint_file_paths(out), *(out / n for n in (REPORT_NAME, *AUX_FILE_NAMES))]
-    paths += [p for p in out.iterdir() if p.name.endswith("." + REPORT_NAME) or p.name.endswith(STATE_DIR)]
-    return [p for p in dict.fromkeys(paths) if p.exists()]
+    shards = [p for p in checkpoint_file_paths(out) if p.suffix != ".safetensors" or _SHARD_NAME.fullmatch(p.name)]
+    paths = [*shards, *(out / n for n in (REPORT_NAME, *AUX_FILE_NAMES))]
+    paths += [p for p in out.iterdir() if p.name.endswith("." + REPORT_NAME) or p.name == STATE_DIR]
+    # only files (and the conversion's state directory): another model's adapter_model.safetensors or a
+    # directory that happens to share a name stays
+    return [p for p in dict.fromkeys(paths) if p.is_file() or (p.name == STATE_DIR and p.is_dir())]
 
 
 def _check_not_converting(state: Path) -> None:

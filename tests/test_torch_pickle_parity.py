@@ -467,3 +467,14 @@ def test_deeply_nested_tuple_key_is_one_error(tmp_path):
     # the same depth reached through the memo (GET t; TUPLE1; PUT t, repeated) is counted too
     replace_data_pkl(path, ok[:-1] + b")q\x7f" + b"h\x7f\x85q\x7f" * (limit + 1) + b"K\x01s.")
     we_refuse(path, f"tuples nested more than {limit} deep")
+
+
+def test_an_expanded_view_is_refused_not_sized_from_its_shape(tmp_path):
+    """A zero stride makes a tensor's size a number in the file, not bytes in it: refused by name."""
+    from mmrec.streaming.sources import SourceError, open_source
+
+    path = tmp_path / "expanded.pt"
+    torch.save({"w": torch.ones(4, dtype=torch.float32), "big": torch.zeros(1, 4).expand(100_000, 4)}, path)
+    assert torch.load(path, weights_only=True)["big"].shape == (100_000, 4)  # torch reads it as a view
+    with pytest.raises(SourceError, match=r"tensor 'big' repeats its bytes \(a zero stride"):
+        open_source(path)

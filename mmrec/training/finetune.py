@@ -164,9 +164,10 @@ def _stored_dtype(config: MMRecConfig) -> str:
     bytes of float32), from its config's torch_dtype; float32 when that names no floating dtype."""
     try:
         dtype = torch_dtype(config.torch_dtype) if config.torch_dtype else torch.float32
-    except ValueError:
+    except (ValueError, TypeError):
         dtype = torch.float32
-    return str(dtype if dtype.is_floating_point else torch.float32).replace("torch.", "")
+    kept = (torch.bfloat16, torch.float16, torch.float32)  # never a lossy float8 or a float64 by default
+    return str(dtype if dtype in kept else torch.float32).replace("torch.", "")
 
 
 def _clear_output(output: Path) -> None:

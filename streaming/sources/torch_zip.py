@@ -451,7 +451,7 @@ def read_torch_zip(path: Path) -> list[tuple[str, str, tuple[int, ...], Piece]]:
     with open(path, "rb") as f:
         offsets: dict[str, tuple[int, int]] = {}
         out = []
-        for name, t in state.items():
+        for name, t in dict.items(state):  # dict's own method: a pickle may shadow an instance's
             if isinstance(t, OtherTensor):
                 raise SourceError(f"{path}: tensor '{name}' is {t.kind}, which is not one dense block of bytes; "
                                   "save it as a dense tensor (.to_dense(), .dequantize(), ...)")
@@ -473,6 +473,9 @@ def read_torch_zip(path: Path) -> list[tuple[str, str, tuple[int, ...], Piece]]:
                 numel *= d
             if len(t.strides) != len(t.shape) or any(d < 0 for d in t.shape) or any(s < 0 for s in t.strides):
                 raise SourceError(f"{path}: tensor '{name}': strides {t.strides} do not fit shape {t.shape}")
+            if any(s == 0 and d > 1 for d, s in zip(t.shape, t.strides)):  # its size would come from a number
+                raise SourceError(f"{path}: tensor '{name}' repeats its bytes (a zero stride: an expand()ed view "
+                                  f"of shape {t.shape}); save it with .contiguous()")
             last = t.storage_offset + sum((d - 1) * s for d, s in zip(t.shape, t.strides))
             if numel and (t.storage_offset < 0 or (last + 1) * itemsize > t.storage.nbytes):
                 raise SourceError(f"{path}: tensor '{name}' reaches byte {(last + 1) * itemsize} of storage "
@@ -490,10 +493,10 @@ def _unwrap(obj, depth: int = 8):
     if depth == 0 or not isinstance(obj, dict):
         return None
     for key in ("state_dict", "model", "module", "model_state_dict"):
-        inner = _unwrap(obj.get(key), depth - 1)
+        inner = _unwrap(dict.get(obj, key), depth - 1)  # dict's own methods: a BUILD may shadow the object's
         if inner is not None:
             return inner
-    if any(isinstance(v, (LazyTensor, OtherTensor)) for v in obj.values()):
+    if any(isinstance(v, (LazyTensor, OtherTensor)) for v in dict.values(obj)):
         return obj
     return None
 
