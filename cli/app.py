@@ -6,10 +6,15 @@ from __future__ import annotations
 import re
 from typing import Optional
 
-import typer
+from . import interrupts
+
+if interrupts.launched_as_command():  # before the heavy imports: a Ctrl-C during them is one line too
+    interrupts.install()
+
+import typer  # noqa: E402
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
-from . import convert_cmd, demo_cmd, distill_cmd, finetune_cmd, inspect_cmd, plan_cmd, verify_cmd
+from . import convert_cmd, demo_cmd, distill_cmd, finetune_cmd, inspect_cmd, plan_cmd, verify_cmd  # noqa: E402
 
 _HYPHEN = "\u2011"  # a non-breaking hyphen while help is wrapped; back to "-" in the text printed
 
@@ -110,7 +115,14 @@ def _root(
 
 
 def main() -> None:
-    app()
+    interrupts.install()
+    interrupts.start()
+    try:
+        app()
+    finally:
+        interrupts.ignore_from_now()  # done: a Ctrl-C during the interpreter's shutdown changes nothing
+        if interrupts.interrupted():  # once the command's clean-up is done (journal, lock): the one line,
+            interrupts.exit_interrupted()  # exit 130, no interpreter shutdown racing live native threads
 
 
 if __name__ == "__main__":

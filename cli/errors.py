@@ -21,7 +21,11 @@ RESUMABLE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EIO}
 
 
 def fail(message: str, code: int) -> typer.Exit:
-    print(f"error: {message}", file=sys.stderr)
+    from mmrec.streaming.terminal import escape
+
+    # Names from a file (tensors, paths, config strings) may hold escape sequences or newlines: one line,
+    # inert, whatever the message carries.
+    print(f"error: {escape(message)}", file=sys.stderr)
     return typer.Exit(code)
 
 

@@ -78,6 +78,14 @@ def finetune(
         parse_size(max_shard_size)
     except ValueError as exc:
         raise fail(f"--max-shard-size: {exc}", EXIT_USAGE) from None
+    from types import SimpleNamespace
+
+    from mmrec.training.finetune import float_option_problem
+
+    problem = float_option_problem(SimpleNamespace(lr=lr, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay,
+                                                   grad_clip=grad_clip, dropout=dropout))
+    if problem:
+        raise fail(problem, EXIT_USAGE)
     if tokenizer not in ("auto", "bytes"):
         raise fail(f"--tokenizer must be auto or bytes, got {tokenizer!r}", EXIT_USAGE)
     if save_dtype is not None:

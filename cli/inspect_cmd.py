@@ -39,8 +39,12 @@ def inspect(source: Path = typer.Argument(..., metavar="SOURCE",
         return
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=f"{source}", show_header=False)
+    from mmrec.streaming.terminal import escape
+
+    # Text cells: what a file holds ("[bold red]", escape sequences) is shown as it is, never interpreted.
+    table = Table(title=Text(escape(source)), show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")
     for label, field in _ROWS:
@@ -48,9 +52,9 @@ def inspect(source: Path = typer.Argument(..., metavar="SOURCE",
         text = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
         if field in analysis.guessed:
             text += "  (guessed from shapes)"
-        table.add_row(label, text)
+        table.add_row(label, Text(escape(text)))
     table.add_row("tensors", str(len(catalog.tensors)))
-    table.add_row("files", "\n".join(Path(f).name for f in analysis.files))
+    table.add_row("files", Text("\n".join(escape(Path(f).name) for f in analysis.files)))
     if catalog.aux_files:
-        table.add_row("copied files", ", ".join(p.name for p in catalog.aux_files))
+        table.add_row("copied files", Text(escape(", ".join(p.name for p in catalog.aux_files))))
     Console().print(table)

@@ -22,6 +22,10 @@ INIT_HELP = (f"How tensors the source cannot fill start: {', '.join(INIT_MODES)}
 
 FLAG = ""  # metavar of an on/off flag: no placeholder (typer would show <bool>)
 SIZE_NAMES = ("vocab_size", "model_dim", "num_layers", "num_heads", "ffn_dim")
+# Every target size is one dimension of a planned tensor (or a count of them): 2^32 is far beyond any model,
+# and refusing more up front keeps an absurd value (10^20) from reaching the planner. The planned output as
+# a whole is bounded too (streaming/plan/target.py: MAX_PLANNED_BYTES).
+MAX_SIZE_OPTION = 2**32
 
 
 def size_option(name: str, help: str):
@@ -69,6 +73,10 @@ def check_plan_options(mapping: str, layer_map: str, dtype: str | None, sizes: d
     for name, value in sizes.items():
         if value is not None and value < 1:
             raise fail(f"--{name} must be a positive integer, got {value}", EXIT_USAGE)
+        if value is not None and value > MAX_SIZE_OPTION:
+            shown = str(value) if len(str(value)) <= 40 else f"{str(value)[:20]}... ({len(str(value))} digits)"
+            raise fail(f"--{name} {shown} is over the {MAX_SIZE_OPTION} limit for a target size (one dimension "
+                       "of a planned tensor); nothing was read", EXIT_USAGE)
     dim, heads = sizes.get("model_dim"), sizes.get("num_heads")
     if dim is not None and heads is not None and dim % heads:
         raise fail(f"--num_heads {heads} must divide --model_dim {dim}", EXIT_USAGE)

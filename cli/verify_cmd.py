@@ -27,8 +27,10 @@ def verify(
     if json_output:
         typer.echo(json.dumps(result.to_dict(), indent=2))
     else:
+        from mmrec.streaming.terminal import escape
+
         for problem in result.problems:
-            typer.echo(f"problem: {problem}", err=True)
+            typer.echo(f"problem: {escape(problem)}", err=True)
         status = "OK" if result.ok else f"FAILED ({_count(len(result.problems), 'problem')})"
         typer.echo(f"{status}: {_count(result.files, 'file')}, {_count(result.tensors, 'tensor')}, "
                    f"{_count(result.checksums_checked, 'checksum')} checked"

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 FFN_ACTIVATIONS = ("gelu", "gelu_tanh", "silu")
+# Largest size field a config may hold: far above any real model, small enough that nothing derived from it
+# (4**(hds_levels-1), products of sizes) is slow or absurd. A 5000-digit integer is refused, not computed with.
+MAX_SIZE_FIELD = 2 ** 40
+MAX_HDS_LEVELS = 16
 
 
 class ConfigError(ValueError):
@@ -57,7 +62,11 @@ class MMRecConfig:
                      "memory_slots", "hds_levels", "memory_segment_len"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"config field '{name}' must be a positive integer, got {value!r}")
+                raise ConfigError(f"config field '{name}' must be a positive integer, got {_short(value)}")
+            if value > MAX_SIZE_FIELD:
+                raise ConfigError(f"config field '{name}' is {_short(value)}, over the limit of {MAX_SIZE_FIELD}")
+        if self.hds_levels > MAX_HDS_LEVELS:
+            raise ConfigError(f"config field 'hds_levels' must be at most {MAX_HDS_LEVELS}, got {self.hds_levels}")
         if self.model_dim % self.num_heads:
             raise ConfigError(f"config field 'num_heads' ({self.num_heads}) must divide "
                               f"'model_dim' ({self.model_dim})")
@@ -67,10 +76,12 @@ class MMRecConfig:
         if self.memory_slots % 4 ** (self.hds_levels - 1):
             raise ConfigError(f"config field 'memory_slots' ({self.memory_slots}) must be divisible by "
                               f"4**(hds_levels-1) = {4 ** (self.hds_levels - 1)}")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"config field 'dropout' must be in [0, 1), got {self.dropout!r}")
-        if not isinstance(self.norm_eps, (int, float)) or self.norm_eps < 0:
-            raise ConfigError(f"config field 'norm_eps' must be >= 0, got {self.norm_eps!r}")
+        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"config field 'dropout' must be in [0, 1), got {_short(self.dropout)}")
+        if not _is_number(self.norm_eps) or not 0 <= self.norm_eps < math.inf:
+            raise ConfigError(f"config field 'norm_eps' must be a finite number >= 0, got {_short(self.norm_eps)}")
+        if self.torch_dtype is not None and not isinstance(self.torch_dtype, str):
+            raise ConfigError(f"config field 'torch_dtype' must be a string, got {_short(self.torch_dtype)}")
         for name in ("ffn_gated", "tie_word_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"config field '{name}' must be true or false, "
@@ -116,9 +127,23 @@ class MMRecConfig:
             raise ConfigError(f"{path}: no config.json") from None
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path}: invalid JSON ({exc})") from None
+        except (ValueError, RecursionError) as exc:  # a 5000-digit integer, nesting too deep
+            raise ConfigError(f"{path}: invalid JSON ({str(exc)[:120] or 'nested too deeply'})") from None
         try:
             return cls.from_dict(data)
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
         except TypeError as exc:
             raise ConfigError(f"{path}: {exc}") from None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """repr of a config value, cut (a 5000-digit integer or a huge list stays a short message)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 4] + " ..."

@@ -15,6 +15,7 @@ import dataclasses
 import math
 import json
 import os
+import stat
 import struct
 from pathlib import Path
 
@@ -34,6 +35,10 @@ TORCH_NAME_TO_CODE = {
 CODE_TO_TORCH_NAME = {v: k for k, v in TORCH_NAME_TO_CODE.items()}
 
 MAX_HEADER_BYTES = 100_000_000  # the library's own limit
+# Tensors one file may list. Zero-size tensors take no data bytes, so the file's size does not bound their
+# count; 200 000 is far above any real shard (a 671B MoE has ~92 000 tensors in all) and keeps a header of a
+# million empty tensors from costing tens of seconds (and gigabytes) in every later step.
+MAX_TENSORS_PER_FILE = 200_000
 
 
 class SafetensorsFormatError(ValueError):
@@ -82,8 +87,15 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     """Parse and validate a safetensors header without reading any tensor data."""
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            file_size = os.fstat(f.fileno()).st_size
+        # O_NONBLOCK: a FIFO with a checkpoint's name must not block the open; only regular files are read
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise _fail(path, "is not a regular file (a FIFO, socket or device); only regular files are read")
+        os.set_blocking(fd, True)
+        with open(fd, "rb") as f:
+            file_size = st.st_size
             prefix = f.read(8)
             if len(prefix) < 8:
                 raise _fail(path, f"truncated: {file_size} bytes is too short for a safetensors header")
@@ -99,6 +111,10 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
             raw = f.read(header_len)
     except OSError as exc:
         raise _fail(path, f"cannot read ({exc.strerror or exc})") from None
+    listed = raw.count(b'"data_offsets"')  # an upper bound of the entries, counted before parsing anything
+    if listed > MAX_TENSORS_PER_FILE:
+        raise _fail(path, f"header lists {listed} tensors, over the {MAX_TENSORS_PER_FILE}-tensor limit for one "
+                          "file")
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
     except _DuplicateKey as exc:
@@ -108,6 +124,9 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
         raise _fail(path, f"header is not valid JSON ({reason})") from None
     if not isinstance(header, dict):
         raise _fail(path, "header is not a JSON object")
+    if len(header) > MAX_TENSORS_PER_FILE + 1:  # entries without data_offsets are refused below anyway
+        raise _fail(path, f"header lists {len(header)} entries, over the {MAX_TENSORS_PER_FILE}-tensor limit for "
+                          "one file")
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise _fail(path, "'__metadata__' must map strings to strings")

@@ -8,6 +8,7 @@ from mmrec.schema import INIT_FORMAT
 
 from .checksums import ALGORITHM as CHECKSUM_ALGORITHM
 from .plan.model import SCORES, ConversionPlan
+from .terminal import escape
 
 
 def build_report(plan: ConversionPlan, checksums: dict[str, str] | None = None,
@@ -85,7 +86,8 @@ def summary_text(report: dict) -> str:
                      + (f", {timings['resumed_shards']} shards kept from the interrupted run" if
                         timings.get("resumed_shards") else "") + ")")
     lines += [f"warning: {w}" for w in report["warnings"]]
-    return "\n".join(lines)
+    # names and strings from the source (tensor names, model_type) may hold control characters
+    return "\n".join(escape(line) for line in lines)
 
 
 def _mb(n: float) -> str:

@@ -56,7 +56,7 @@ class FileTokenizer:
         if config_path.exists():
             try:
                 eos = json.loads(config_path.read_text()).get("eos_token")
-            except (json.JSONDecodeError, AttributeError):
+            except (ValueError, RecursionError, AttributeError):  # not JSON, too deep, huge integer, not an object
                 eos = None
             if isinstance(eos, dict):
                 eos = eos.get("content")
@@ -132,6 +132,10 @@ def read_documents(paths: Sequence[Path], option: str = "--data") -> list[str]:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+            except RecursionError:
+                raise DataError(f"{path}:{number}: not valid JSON (nested too deeply)") from None
+            except ValueError as exc:  # an integer past Python's digit limit
+                raise DataError(f"{path}:{number}: not valid JSON ({str(exc).split(';')[0][:120]})") from None
             if not isinstance(record, dict) or "text" not in record:
                 raise DataError(f"{path}:{number}: no \"text\" field (each line must be an object like "
                                 f"{{\"text\": \"...\"}})")

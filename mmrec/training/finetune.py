@@ -60,6 +60,22 @@ RUN_SETTINGS = ("checkpoint", "data", "fresh", "num_steps", "lr", "batch_size", 
 LEGACY_SETTINGS = {"decay_penalty": 0.0}
 
 
+def float_option_problem(options) -> str | None:
+    """The first float option of `options` that is not finite or out of its range, as one line (else None)."""
+    checks = (("lr", "a finite number greater than 0", lambda v: v > 0),
+              ("min_lr_ratio", "a finite number in [0, 1]", lambda v: 0 <= v <= 1),
+              ("weight_decay", "a finite number >= 0", lambda v: v >= 0),
+              ("grad_clip", "a finite number >= 0 (0: off)", lambda v: v >= 0),
+              ("dropout", "a finite number in [0, 1)", lambda v: 0 <= v < 1))
+    for name, what, ok in checks:
+        value = getattr(options, name, None)
+        if value is None:
+            continue
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and ok(value)):
+            return f"--{name.replace('_', '-')} must be {what}, got {value}"
+    return None
+
+
 @dataclasses.dataclass
 class FinetuneOptions:
     checkpoint: Path
@@ -108,16 +124,11 @@ class FinetuneOptions:
         for name in ("warmup_steps", "eval_every", "save_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"--lr must be greater than 0, got {self.lr}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.weight_decay < 0 or self.grad_clip < 0:
-            raise ValueError("--weight-decay and --grad-clip must be >= 0")
+        problem = float_option_problem(self)
+        if problem:
+            raise ValueError(problem)
         if not (math.isfinite(self.decay_penalty) and self.decay_penalty >= 0):
             raise ValueError(f"decay_penalty must be a finite number >= 0, got {self.decay_penalty}")
-        if self.dropout is not None and not 0 <= self.dropout < 1:
-            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.tokenizer not in ("auto", "bytes"):
             raise ValueError(f"--tokenizer must be auto or bytes, got {self.tokenizer!r}")
         if not self.data:
@@ -147,7 +158,7 @@ def _refuse_other_checkpoints(checkpoint: Path) -> None:
             return  # the loader names the problem
     try:
         config = json.loads(config_path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return  # missing or unreadable: the loader names the problem
     model_type = config.get("model_type") if isinstance(config, dict) else None
     if model_type is None or model_type == "mmrec":

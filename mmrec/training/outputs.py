@@ -26,8 +26,21 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+class NonFiniteWeights(ValueError):
+    """The model holds NaN or inf weights: refused rather than written."""
+
+
+def check_finite(model: MMRecModel) -> None:
+    """Raise NonFiniteWeights naming the first parameter that holds a NaN or inf (nothing is written then)."""
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and not bool(torch.isfinite(param.detach()).all()):
+            raise NonFiniteWeights(f"weight {name!r} became non-finite (NaN or inf) during training; nothing "
+                                   "was saved; lower --lr or set --grad-clip")
+
+
 def write_model(model: MMRecModel, directory: Path, max_shard_size: str, dtype=None) -> None:
     """The model's files in `directory` (`from_pretrained` reads them), replacing any earlier model there."""
+    check_finite(model)
     tmp = directory.with_name(directory.name + ".writing")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, max_shard_size=max_shard_size, dtype=dtype)
@@ -43,6 +56,7 @@ def save_train_state(output: Path, model: MMRecModel, optimizer: torch.optim.Opt
                      trainer_state: dict[str, Any], max_shard_size: str) -> None:
     """Everything a resume needs, written to train_state.tmp and then swapped in whole: the float32 model,
     optimizer.pt, recurrent_state.pt (carried state and RNG states) and trainer_state.json (`trainer_state`)."""
+    check_finite(model)
     tmp, final, old = output / (TRAIN_STATE + ".tmp"), output / TRAIN_STATE, output / (TRAIN_STATE + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -13,16 +13,26 @@ def parse_layer_list(spec: str) -> list[int | None]:
         items = json.loads(spec) if spec.startswith("[") else [s.strip() for s in spec.split(",")]
     except json.JSONDecodeError as exc:
         raise PlanError(f"--layer-map: {spec!r} is not a JSON list ({exc})") from None
-    out: list[int | None] = []
-    for item in items:
-        if item is None or (isinstance(item, str) and item.lower() in ("new", "none", "null", "-")):
-            out.append(None)
-            continue
-        try:
-            out.append(int(item))
-        except (TypeError, ValueError):
-            raise PlanError(f"--layer-map: {item!r} is not a layer number (or 'new')") from None
-    return out
+    if not isinstance(items, list):
+        raise PlanError(f"--layer-map: {spec!r} is not a list of layer numbers")
+    return [layer_index(item) for item in items]
+
+
+def layer_index(item, where: str = "--layer-map") -> int | None:
+    """One entry of a layer map: a non-negative integer, or None / 'new' (the layer starts new). A fraction
+    (1.5, "1.5"), a bool, a non-finite number or anything else is refused, never truncated."""
+    if item is None or (isinstance(item, str) and item.strip().lower() in ("new", "none", "null", "-")):
+        return None
+    if isinstance(item, int) and not isinstance(item, bool):
+        value = item
+    elif isinstance(item, str) and item.strip().lstrip("+-").isdigit() and len(item.strip()) <= 20:
+        value = int(item.strip())
+    else:
+        shown = repr(item if not isinstance(item, str) else item[:60])
+        raise PlanError(f"{where}: {shown} is not a layer number (a whole number >= 0, or 'new')")
+    if value < 0:
+        raise PlanError(f"{where}: layer {value} is negative")
+    return value
 
 
 def build_layer_map(spec: str | list, source_layers: int, target_layers: int) -> list[int | None]:
@@ -38,7 +48,7 @@ def build_layer_map(spec: str | list, source_layers: int, target_layers: int) ->
             return [0]
         # round(i * (s-1) / (t-1)) in integers: first and last layers are kept
         return [(2 * i * (s - 1) + (t - 1)) // (2 * (t - 1)) for i in range(t)]
-    layers = list(spec) if isinstance(spec, list) else parse_layer_list(str(spec))
+    layers = [layer_index(x) for x in spec] if isinstance(spec, list) else parse_layer_list(str(spec))
     if len(layers) != t:
         raise PlanError(f"--layer-map lists {len(layers)} layers but the target has {t} (--num_layers)")
     for i, layer in enumerate(layers):

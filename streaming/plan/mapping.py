@@ -86,24 +86,102 @@ def _parse_entry(raw: Any, where: str) -> MapEntry:
                     score=None if score is None else float(score))
 
 
+# A mapping file is a table of a few hundred names: 16 MiB is far beyond any real one. Its YAML, with
+# aliases expanded (`*a` counts the nodes of what it names each time), may hold at most 1 000 000 nodes,
+# so a few-line "billion laughs" file is refused before anything walks (or prints) the expanded structure.
+MAX_MAPPING_FILE_BYTES = 16 << 20
+MAX_MAPPING_NODES = 1_000_000
+
+
+def _read_bounded(path: Path) -> str:
+    """The file's text: a regular file (a FIFO would block the open) of at most MAX_MAPPING_FILE_BYTES."""
+    import os
+    import stat
+
+    where = f"--mapping-file {path}"
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise PlanError(f"{where}: is not a regular file; only regular files are read")
+            if st.st_size > MAX_MAPPING_FILE_BYTES:
+                raise PlanError(f"{where}: {st.st_size} bytes is over the {MAX_MAPPING_FILE_BYTES}-byte limit "
+                                "for a mapping file")
+            os.set_blocking(fd, True)
+            raw = os.read(fd, MAX_MAPPING_FILE_BYTES + 1)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise PlanError(f"{where}: cannot read ({exc.strerror or exc})") from None
+    if len(raw) > MAX_MAPPING_FILE_BYTES:
+        raise PlanError(f"{where}: over the {MAX_MAPPING_FILE_BYTES}-byte limit for a mapping file")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PlanError(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def _load_yaml_bounded(path: Path, text: str) -> Any:
+    """yaml.safe_load, but the node graph is measured with every alias expanded (linear in the distinct
+    nodes: each node's expanded size is computed once) and refused over MAX_MAPPING_NODES before it is
+    constructed, so nothing later can iterate or repr an exponentially large structure."""
+    import yaml
+
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        sizes: dict[int, int] = {}
+        stack = [(node, False)]
+        while stack:  # iterative post-order: a deeply nested document cannot exhaust the Python stack
+            current, done = stack.pop()
+            key = id(current)
+            if key in sizes and not done:
+                continue
+            if isinstance(current, yaml.SequenceNode):
+                children = current.value
+            elif isinstance(current, yaml.MappingNode):
+                children = [n for pair in current.value for n in pair]
+            else:
+                children = []
+            if not done:
+                sizes[key] = -1  # in progress: a recursive alias is refused below
+                stack.append((current, True))
+                for child in children:
+                    if sizes.get(id(child)) == -1:
+                        raise PlanError(f"--mapping-file {path}: a YAML alias refers to a node that contains it")
+                    if id(child) not in sizes:
+                        stack.append((child, False))
+                continue
+            total = 1 + sum(sizes[id(c)] for c in children)
+            if total > MAX_MAPPING_NODES:
+                raise PlanError(f"--mapping-file {path}: YAML with its aliases expanded holds more than "
+                                f"{MAX_MAPPING_NODES} nodes (nested aliases?); a mapping file is a small table")
+            sizes[key] = total
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def load_mapping_file(path: Path) -> tuple[str | None, list[MapEntry]]:
     """A JSON or YAML file: {"base": "default"|"extended"|"none", "mappings": [...] or {target: source}},
     or just the list of mappings. Returns (base or None, entries)."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise PlanError(f"--mapping-file {path}: cannot read ({exc.strerror or exc})") from None
+    text = _read_bounded(path)
     try:
         if path.suffix.lower() == ".json":
             data = json.loads(text)
         else:
-            import yaml
-
-            data = yaml.safe_load(text)
+            data = _load_yaml_bounded(path, text)
+    except PlanError:
+        raise
     except Exception as exc:  # json and yaml raise different types; both mean "not parseable"
+        reason = " ".join(str(exc).split())
+        reason = reason if len(reason) <= 300 else reason[:295] + " ..."
         raise PlanError(f"--mapping-file {path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}"
-                        f" ({exc})") from None
+                        f" ({reason})") from None
     base = None
     if isinstance(data, dict) and ("mappings" in data or "base" in data):
         base, data = data.get("base"), data.get("mappings", [])

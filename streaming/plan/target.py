@@ -6,7 +6,7 @@ from collections import Counter
 from typing import Any
 
 from mmrec.config import ConfigError, MMRecConfig
-from mmrec.safetensors_format import CODE_TO_TORCH_NAME, TORCH_NAME_TO_CODE
+from mmrec.safetensors_format import CODE_TO_TORCH_NAME, DTYPE_SIZES, TORCH_NAME_TO_CODE
 
 from .model import PlanError
 
@@ -51,6 +51,34 @@ def output_dtype(requested: str | None, analysis: Any, catalog) -> str:
     return code
 
 
+# The largest output a plan may describe: 2^50 bytes (1 PiB). The estimate below counts only the
+# embedding, head and per-layer matrices, so it is a lower bound of the real output.
+MAX_PLANNED_BYTES = 2**50
+
+
+def check_planned_size(sizes: dict, tied: Any, out_dtype: str, overrides: dict) -> None:
+    """Refuse target sizes whose planned output exceeds MAX_PLANNED_BYTES before anything is built from
+    them (a graph of 10^20 rows would grow memory until the machine gives up)."""
+    try:
+        vocab, dim, layers, ffn = (int(sizes[k]) for k in ("vocab_size", "model_dim", "num_layers", "ffn_dim"))
+    except (TypeError, ValueError):
+        return  # not numbers: the config's own checks say what is wrong
+    if min(vocab, dim, layers, ffn) < 1:
+        return
+    params = vocab * dim * (1 if tied is None or tied else 2) + layers * (4 * dim * dim + 3 * dim * ffn)
+    nbytes = params * DTYPE_SIZES.get(out_dtype, 8)
+    if nbytes > MAX_PLANNED_BYTES:
+        named = [k for k in OVERRIDE_KEYS if k in overrides]
+        which = (" (from " + ", ".join(f"--{k} {_short_int(overrides[k])}" for k in named) + ")") if named else ""
+        raise PlanError(f"the target would hold at least {_short_int(nbytes)} bytes, over the {MAX_PLANNED_BYTES}-"
+                        f"byte (1 PiB) limit for a planned output{which}")
+
+
+def _short_int(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 40 else f"{text[:20]}... ({len(text)} digits)"
+
+
 def build_target_config(a: Any, overrides: dict | None, out_dtype: str) -> tuple[MMRecConfig, list[str]]:
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     unknown = set(overrides) - set(OVERRIDE_KEYS)
@@ -64,6 +92,7 @@ def build_target_config(a: Any, overrides: dict | None, out_dtype: str) -> tuple
     if "num_heads" not in overrides and sizes["model_dim"] % sizes["num_heads"]:
         raise PlanError(f"the source's {sizes['num_heads']} heads do not divide --model_dim "
                         f"{sizes['model_dim']}; give --num_heads")
+    check_planned_size(sizes, tied=getattr(a, "tied_embeddings", None), out_dtype=out_dtype, overrides=overrides)
     act_src = (getattr(a, "hidden_act", None) or "gelu").lower()
     act = ACTIVATIONS.get(act_src)
     if act is None:

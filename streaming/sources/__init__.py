@@ -8,7 +8,7 @@ from pathlib import Path
 from . import meta, safetensors_source, torch_source
 from .catalog import (Piece, SourceCatalog, SourceError, SourceTensor, build_tensors, find_aux_files,
                       load_json, normalize_name)
-from .paths import check_inside_dir, check_not_lfs_pointer
+from .paths import check_inside_dir, check_not_lfs_pointer, check_regular_file
 
 __all__ = ["open_source", "SourceCatalog", "SourceError", "SourceTensor", "Piece", "normalize_name"]
 
@@ -23,6 +23,8 @@ def open_source(path: str | os.PathLike) -> SourceCatalog:
         raise SourceError(f"{path}: does not exist")
     if path.is_dir():
         root, layout, files, index = _detect_dir(path)
+    elif not path.is_file():
+        check_regular_file(path)  # a FIFO, socket or device named as the source: refused, never opened
     else:
         root, layout, files, index = _detect_file(path)
 
@@ -31,6 +33,8 @@ def open_source(path: str | os.PathLike) -> SourceCatalog:
     for f in [*files, *aux_files, root / "config.json", root / "params.json"]:
         if f != explicit and (f.is_symlink() or f.exists()):
             check_inside_dir(root, f)
+        if f in files or f.exists():
+            check_regular_file(f)  # before anything opens it: a FIFO would block the open forever
     config = None
     if layout == "meta":
         config = load_json(root / "params.json")

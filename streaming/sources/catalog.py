@@ -12,6 +12,7 @@ import hashlib
 import json
 import mmap
 import os
+import stat
 import threading
 from pathlib import Path
 
@@ -294,7 +295,13 @@ def find_aux_files(root: Path) -> list[Path]:
 
 def load_json(path: Path) -> dict:
     try:
-        with open(path, encoding="utf-8") as f:
+        # O_NONBLOCK: opening a FIFO named config.json must not wait for a writer; only regular files are read
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise SourceError(f"{path}: is not a regular file; only regular files are read")
+        os.set_blocking(fd, True)
+        with open(fd, encoding="utf-8") as f:
             data = json.load(f)
     except OSError as exc:
         raise SourceError(f"{path}: cannot read ({exc.strerror or exc})") from None

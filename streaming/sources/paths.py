@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 from .catalog import SourceError
@@ -59,7 +61,22 @@ def resolve_in_dir(index_path: Path, name: object) -> Path:
     return target.absolute()
 
 
+def check_regular_file(path: Path) -> None:
+    """Only regular files are read: opening a FIFO blocks until a writer comes (forever), and a device or
+    socket has no size to check anything against. stat() follows symlinks and never blocks."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise SourceError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a directory"
+                if stat.S_ISDIR(mode) else "not a file")
+        raise SourceError(f"{path}: is {kind}, not a regular file; only regular files are read")
+
+
 def check_not_lfs_pointer(path: Path) -> None:
+    check_regular_file(path)
     try:
         with open(path, "rb") as f:
             head = f.read(len(LFS_PREFIX))

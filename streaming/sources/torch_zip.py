@@ -401,6 +401,33 @@ def load_data_pkl(raw: bytes):
     return _RestrictedUnpickler(io.BytesIO(raw)).load()
 
 
+# data.pkl holds the object tree only (tensor bytes live in other entries): a few hundred bytes per tensor.
+# 256 MiB (about a million tensors) is far above any real checkpoint's, and keeps a compressed entry (a
+# "zip bomb") from inflating further.
+MAX_PICKLE_BYTES = 256 << 20
+# DEFLATE cannot expand a byte by more than 1032x; a stated size beyond that is a lie about the entry.
+MAX_DEFLATE_RATIO = 1032
+
+
+def _read_entry(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes:
+    """The bytes of one zip entry, its stated size checked against `limit` and against what the archive's
+    real size can hold before anything is decompressed, then read with a bounded reader (never more than
+    the stated size plus one byte, so an entry whose stream is longer than it says is refused too)."""
+    archive_size = os.path.getsize(path)
+    stored = info.compress_type == zipfile.ZIP_STORED
+    can_hold = archive_size if stored else archive_size * MAX_DEFLATE_RATIO
+    if info.file_size > limit or info.file_size > can_hold or info.compress_size > archive_size:
+        raise SourceError(f"{path}: zip entry '{info.filename[:200]}' says it holds {info.file_size} bytes "
+                          f"({info.compress_size} compressed), more than the {limit}-byte limit for it or "
+                          f"than an archive of {archive_size} bytes can hold; refusing to decompress it")
+    with zf.open(info) as f:
+        data = f.read(info.file_size + 1)
+    if len(data) != info.file_size:
+        raise SourceError(f"{path}: zip entry '{info.filename[:200]}' holds other than the {info.file_size} "
+                          "bytes it states; the file is damaged")
+    return data
+
+
 def is_zip(path: Path) -> bool:
     with open(path, "rb") as f:
         return f.read(4) == b"PK\x03\x04"
@@ -426,9 +453,9 @@ def read_torch_zip(path: Path) -> list[tuple[str, str, tuple[int, ...], Piece]]:
                 raise SourceError(f"{path}: zip file without exactly one '<name>/data.pkl': not a torch.save file")
             prefix = pkl_names[0][: -len("data.pkl")]
             byteorder = infos.get(prefix + "byteorder")
-            if byteorder is not None and zf.read(byteorder).strip() not in (b"little", b""):
+            if byteorder is not None and _read_entry(path, zf, byteorder, 64).strip() not in (b"little", b""):
                 raise SourceError(f"{path}: big-endian torch file; only little-endian is supported")
-            raw = zf.read(pkl_names[0])
+            raw = _read_entry(path, zf, infos[pkl_names[0]], MAX_PICKLE_BYTES)
     except zipfile.BadZipFile as exc:
         raise SourceError(f"{path}: damaged or truncated zip file ({exc})") from None
     except OSError as exc:
