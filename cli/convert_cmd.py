@@ -10,7 +10,8 @@ import typer
 
 from .errors import EXIT_REFUSED, EXIT_USAGE, clean_errors, fail
 from .plan_options import (DEFAULT_INIT_MODE, FLAG, INIT_HELP, check_plan_options, check_size_option,
-                           hidden_alias, merge_alias, recheck_sizes_for_source, size_option)
+                           SIZE_NAMES, hidden_alias, merge_guide_spellings, recheck_sizes_for_source,
+                           size_option)
 
 
 def shard_convert(
@@ -78,13 +79,10 @@ def shard_convert(
     for option, value in (("--threads", threads), ("--workers", workers)):
         if value is not None and value < 1:
             raise fail(f"{option} must be at least 1, got {value}", EXIT_USAGE)
-    sizes = {name: merge_alias(name, value, alias) for name, value, alias in (
-        ("vocab_size", vocab_size, vocab_size_), ("model_dim", model_dim, model_dim_),
-        ("num_layers", num_layers, num_layers_), ("num_heads", num_heads, num_heads_),
-        ("ffn_dim", ffn_dim, ffn_dim_))}
-    no_initialize_new = no_initialize_new or no_initialize_new_
-    mapping_file = merge_alias("mapping_file", mapping_file, mapping_file_)
-    layer_map = merge_alias("layer_map", layer_map, layer_map_) or "first"
+    merged = merge_guide_spellings(locals())
+    sizes = {name: merged[name] for name in SIZE_NAMES}
+    no_initialize_new, mapping_file = merged["no_initialize_new"], merged["mapping_file"]
+    layer_map = merged["layer_map"] or "first"
     check_plan_options(mapping, layer_map, dtype, sizes, init)
     overrides = {k: v for k, v in sizes.items() if v is not None}
     with clean_errors(debug):

@@ -9,7 +9,7 @@ import typer
 
 from .errors import clean_errors
 from .plan_options import (DEFAULT_INIT_MODE, FLAG, INIT_HELP, check_plan_options, check_sizes_for_source,
-                           hidden_alias, merge_alias, size_option)
+                           SIZE_NAMES, hidden_alias, merge_guide_spellings, size_option)
 
 
 def plan(source: Path = typer.Argument(..., metavar="SOURCE",
@@ -46,13 +46,10 @@ def plan(source: Path = typer.Argument(..., metavar="SOURCE",
          mapping_file_: Optional[Path] = hidden_alias("mapping_file"),
          layer_map_: Optional[str] = hidden_alias("layer_map")):
     """Plan a conversion to MM-Rec and print its summary (no tensor data is read)."""
-    overrides = {name: merge_alias(name, value, alias) for name, value, alias in (
-        ("vocab_size", vocab_size, vocab_size_), ("model_dim", model_dim, model_dim_),
-        ("num_layers", num_layers, num_layers_), ("num_heads", num_heads, num_heads_),
-        ("ffn_dim", ffn_dim, ffn_dim_))}
-    no_initialize_new = no_initialize_new or no_initialize_new_
-    mapping_file = merge_alias("mapping_file", mapping_file, mapping_file_)
-    layer_map = merge_alias("layer_map", layer_map, layer_map_) or "first"
+    merged = merge_guide_spellings(locals())
+    overrides = {name: merged[name] for name in SIZE_NAMES}
+    no_initialize_new, mapping_file = merged["no_initialize_new"], merged["mapping_file"]
+    layer_map = merged["layer_map"] or "first"
     check_plan_options(mapping, layer_map, dtype, overrides, init)
     with clean_errors(debug):
         from mmrec.streaming.analysis import analyze

@@ -38,6 +38,15 @@ def hidden_alias(name: str, flag: bool = False):
     return typer.Option(False if flag else None, f"--{name}", hidden=True)
 
 
+GUIDE_SPELLINGS = (*SIZE_NAMES, "no_initialize_new", "mapping_file", "layer_map")  # options with a hidden alias
+
+
+def merge_guide_spellings(params: dict[str, Any]) -> dict[str, Any]:
+    """One value for each option of GUIDE_SPELLINGS: `params` are a command's parameters (its `locals()`),
+    each option `name` beside its hidden alias `name_`; both given with different values is exit 2."""
+    return {name: merge_alias(name, params[name], params[name + "_"]) for name in GUIDE_SPELLINGS}
+
+
 def merge_alias(name: str, value: Any, alias: Any) -> Any:
     """The value of an option given as --a-b or --a_b; both, with different values, is a bad option."""
     if value is None or value is False:
