@@ -56,8 +56,14 @@ def tensor_bytes(tp: TensorPlan) -> int:
 
 def row_geometry(tp: TensorPlan) -> tuple[int, int]:
     """(rows, bytes per row) of an output tensor; 0-d tensors are one row."""
-    rows = tp.shape[0] if tp.shape else 1
-    return rows, (tensor_bytes(tp) // rows if rows else 0)
+    return rows_of(tp.shape, tensor_bytes(tp))
+
+
+def rows_of(shape, nbytes: int) -> tuple[int, int]:
+    """(rows, bytes per row) of a tensor of `shape` stored in `nbytes`: rows along dim 0, 0-d is one row
+    (what writers split tasks and checksum pieces by, and what `verify` recomputes from a header)."""
+    rows = shape[0] if shape else 1
+    return rows, (nbytes // rows if rows else 0)
 
 
 def plan_layout(plan: ConversionPlan, max_shard_bytes: int, single_file_name: str | None = None) -> OutputLayout:

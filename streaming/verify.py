@@ -18,6 +18,7 @@ from mmrec.config import MMRecConfig
 from mmrec.safetensors_format import SafetensorsFormatError, read_header
 from mmrec.schema import parameter_specs
 
+from .layout import rows_of
 from .output import REPORT_NAME, STATE_DIR
 from .plan.model import TensorPlan
 from .checksums import ALGORITHM as CHECKSUM_ALGORITHM, WHOLE_TENSOR_ALGORITHM, file_checksum
@@ -187,8 +188,7 @@ def _check_checksums(report: dict, spans: dict, result: VerifyResult) -> None:
 
     def matches(job) -> bool:
         _, expected, file, span = job
-        rows = span.shape[0] if span.shape else 1
-        row_bytes = span.nbytes // rows if rows else 0
+        _, row_bytes = rows_of(span.shape, span.nbytes)
         return expected == file_checksum(str(file), span.start, span.end, row_bytes, algorithm)
 
     with ThreadPoolExecutor(VERIFY_THREADS) as pool:
@@ -213,8 +213,7 @@ def _recompute(report: dict, spans: dict, source: Path, block_bytes: int, result
             continue
         plan = TensorPlan.from_dict({"name": name, **entry})
         file, span = spans[name]
-        rows = plan.shape[0] if plan.shape else 1
-        row_bytes = span.nbytes // rows if rows else 0
+        rows, row_bytes = rows_of(plan.shape, span.nbytes)
         step = rows_per_block(plan, block_bytes)
         with open(file, "rb") as f:
             for start in range(0, rows, step):
