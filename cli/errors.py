@@ -14,6 +14,8 @@ import sys
 
 import typer
 
+from . import interrupts
+
 EXIT_INPUT, EXIT_USAGE, EXIT_REFUSED, EXIT_WRITE, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
 
 # Write failures after which the partial output is kept and `--resume` continues once the cause is fixed.
@@ -46,7 +48,7 @@ def clean_errors(debug: bool = False):
     except KeyboardInterrupt:
         if debug:
             raise
-        raise fail("interrupted; rerun with --resume to continue", EXIT_INTERRUPTED) from None
+        raise fail(interrupts.message().removeprefix("error: "), EXIT_INTERRUPTED) from None
     except OutputRefused as exc:
         if debug:
             raise

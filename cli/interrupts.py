@@ -25,7 +25,16 @@ import sys
 import threading
 import time
 
-MESSAGE = "error: interrupted; rerun with --resume to continue"
+PREFIX = "error: interrupted"
+RESUMABLE_COMMANDS = ("shard-convert", "distill", "finetune")  # the commands with a --resume
+
+
+def message() -> str:
+    """The one line: a hint to --resume only for a command that has one (`mmrec verify` has nothing to resume)."""
+    command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
+    return PREFIX + ("; rerun with --resume to continue" if command in RESUMABLE_COMMANDS else "")
+
+
 EXIT_INTERRUPTED = 130
 
 _interrupted = threading.Event()  # a SIGINT came
@@ -41,7 +50,7 @@ class _Stderr:
         self.wrote_message = False
 
     def write(self, text):
-        if MESSAGE in text:
+        if PREFIX in text:
             self.wrote_message = True
         return self._stream.write(text)
 
@@ -64,7 +73,7 @@ def exit_interrupted() -> None:
     if not getattr(stderr, "wrote_message", False):
         try:
             _flush()
-            stderr.write(MESSAGE + "\n")
+            stderr.write(message() + "\n")
         except Exception:
             pass
     _flush()

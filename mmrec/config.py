@@ -8,11 +8,14 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .messages import short
+
 FFN_ACTIVATIONS = ("gelu", "gelu_tanh", "silu")
 # Largest size field a config may hold: far above any real model, small enough that nothing derived from it
 # (4**(hds_levels-1), products of sizes) is slow or absurd. A 5000-digit integer is refused, not computed with.
 MAX_SIZE_FIELD = 2 ** 40
 MAX_HDS_LEVELS = 16
+ARCHITECTURES = ("MMRecForCausalLM",)  # transformers' class name for config.json (mmrec/hf)
 
 
 class ConfigError(ValueError):
@@ -62,9 +65,9 @@ class MMRecConfig:
                      "memory_slots", "hds_levels", "memory_segment_len"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"config field '{name}' must be a positive integer, got {_short(value)}")
+                raise ConfigError(f"config field '{name}' must be a positive integer, got {short(value)}")
             if value > MAX_SIZE_FIELD:
-                raise ConfigError(f"config field '{name}' is {_short(value)}, over the limit of {MAX_SIZE_FIELD}")
+                raise ConfigError(f"config field '{name}' is {short(value)}, over the limit of {MAX_SIZE_FIELD}")
         if self.hds_levels > MAX_HDS_LEVELS:
             raise ConfigError(f"config field 'hds_levels' must be at most {MAX_HDS_LEVELS}, got {self.hds_levels}")
         if self.model_dim % self.num_heads:
@@ -77,11 +80,11 @@ class MMRecConfig:
             raise ConfigError(f"config field 'memory_slots' ({self.memory_slots}) must be divisible by "
                               f"4**(hds_levels-1) = {4 ** (self.hds_levels - 1)}")
         if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"config field 'dropout' must be in [0, 1), got {_short(self.dropout)}")
+            raise ConfigError(f"config field 'dropout' must be in [0, 1), got {short(self.dropout)}")
         if not _is_number(self.norm_eps) or not 0 <= self.norm_eps < math.inf:
-            raise ConfigError(f"config field 'norm_eps' must be a finite number >= 0, got {_short(self.norm_eps)}")
+            raise ConfigError(f"config field 'norm_eps' must be a finite number >= 0, got {short(self.norm_eps)}")
         if self.torch_dtype is not None and not isinstance(self.torch_dtype, str):
-            raise ConfigError(f"config field 'torch_dtype' must be a string, got {_short(self.torch_dtype)}")
+            raise ConfigError(f"config field 'torch_dtype' must be a string, got {short(self.torch_dtype)}")
         for name in ("ffn_gated", "tie_word_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"config field '{name}' must be true or false, "
@@ -89,7 +92,9 @@ class MMRecConfig:
 
     # --- config.json -----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        out = {"model_type": "mmrec", **self.extra}
+        # `architectures` names the transformers class (mmrec.hf) that loads this config.json with
+        # AutoModelForCausalLM; a value read from the file (kept in `extra`) wins.
+        out = {"model_type": "mmrec", "architectures": list(ARCHITECTURES), **self.extra}
         for field in dataclasses.fields(self):
             if field.name != "extra":
                 out[field.name] = getattr(self, field.name)
@@ -108,6 +113,8 @@ class MMRecConfig:
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in data.items() if k in known}
         extra = {k: v for k, v in data.items() if k not in known and k != "model_type"}
+        if extra.get("architectures") == list(ARCHITECTURES):  # the default: to_dict() writes it again
+            del extra["architectures"]
         return cls(**kwargs, extra=extra)
 
     def save(self, path: str | Path) -> None:
@@ -139,11 +146,3 @@ class MMRecConfig:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    """repr of a config value, cut (a 5000-digit integer or a huge list stays a short message)."""
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
-        return f"an integer of {value.bit_length()} bits"
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 4] + " ..."

@@ -19,6 +19,8 @@ import stat
 import struct
 from pathlib import Path
 
+from .messages import short
+
 # Bytes per element of every dtype safetensors stores.
 DTYPE_SIZES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
@@ -75,12 +77,6 @@ class SafetensorsHeader:
 
 def _fail(path: Path, message: str) -> SafetensorsFormatError:
     return SafetensorsFormatError(f"{path}: {message}")
-
-
-def _short(value: object, limit: int = 80) -> str:
-    """repr of a header value, cut so that an absurd header still gives a one-line message."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 5] + " ...]"
 
 
 def read_header(path: str | os.PathLike) -> SafetensorsHeader:
@@ -174,22 +170,22 @@ def _parse_entry(path: Path, key: str, entry: object, data_start: int) -> Tensor
         raise _fail(path, f"tensor '{name}': entry is not a JSON object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
-        raise _fail(path, f"tensor '{name}': unknown dtype {_short(dtype)}")
+        raise _fail(path, f"tensor '{name}': unknown dtype {short(dtype)}")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                               for d in shape):
-        raise _fail(path, f"tensor '{name}': shape must be a list of non-negative integers, got {_short(shape)}")
+        raise _fail(path, f"tensor '{name}': shape must be a list of non-negative integers, got {short(shape)}")
     if (not isinstance(offsets, list) or len(offsets) != 2
             or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
             or offsets[0] > offsets[1]):
         raise _fail(path, f"tensor '{name}': data_offsets must be [begin, end] with 0 <= begin <= end, "
-                          f"got {_short(offsets)}")
+                          f"got {short(offsets)}")
     numel = 1
     for d in shape:
         numel *= d
     expected = numel * DTYPE_SIZES[dtype]
     if offsets[1] - offsets[0] != expected:
         needs = f"{expected} bytes" if expected < 10**30 else "more bytes than any file holds"
-        raise _fail(path, f"tensor '{name}': {dtype} {_short(shape)} needs {needs} but its offsets span "
+        raise _fail(path, f"tensor '{name}': {dtype} {short(shape)} needs {needs} but its offsets span "
                           f"{offsets[1] - offsets[0]}")
     return TensorSpan(key, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
 

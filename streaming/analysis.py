@@ -13,6 +13,8 @@ import math
 import re
 from collections import Counter
 
+from mmrec.messages import short
+
 from .families import FAMILIES as FAMILY_CLASSES
 from .families.base import SizeSpec
 from .families.llama import META_SIZES
@@ -22,6 +24,11 @@ from .sources.catalog import SourceCatalog, SourceError, SourceTensor
 FAMILIES: dict[str, SizeSpec] = {model_type: cls.sizes for model_type, cls in FAMILY_CLASSES.items()}
 # Config-less detection tries the families with the most (most specific) markers first.
 _BY_MARKERS = sorted(((t, f) for t, f in FAMILIES.items() if f.markers), key=lambda item: -len(item[1].markers))
+
+# The largest size any config field may state: far above any real model, far below what would make a
+# later product of sizes (bytes, rows) overflow or allocate without bound.
+MAX_CONFIG_SIZE = 2**40
+_SIZE_FIELDS = ("vocab_size", "model_dim", "num_layers", "num_heads", "num_kv_heads", "head_dim", "ffn_dim")
 
 # Non-parameter buffers some checkpoints carry (causal masks, rotary tables).
 _BUFFER_RE = re.compile(r"(^|\.)(attn\.bias|attn\.masked_bias|masked_bias|rotary_emb\.inv_freq|rope\.freqs)$")
@@ -58,6 +65,9 @@ def detect_family(catalog: SourceCatalog) -> tuple[str, SizeSpec, bool]:
         return "llama", META_SIZES, False
     config = catalog.config or {}
     model_type = config.get("model_type")
+    if model_type is not None and not isinstance(model_type, str):
+        raise SourceError(f"{_config_file(catalog)}: field 'model_type' must be a string, got "
+                          f"{_describe(model_type)}")
     if model_type == "mmrec" or (model_type is None and _looks_like_mmrec(catalog.tensors)):
         where = catalog.root if model_type else catalog.files[0]  # no config.json: a single-file output
         why = "config.json model_type 'mmrec'" if model_type else "MM-Rec tensor names"
@@ -99,8 +109,10 @@ def analyze(catalog: SourceCatalog) -> SourceAnalysis:
     def from_config(field: str):
         for key in family.keys.get(field, ()):
             value = config.get(key)
-            if value is not None and value != -1:  # Meta writes vocab_size -1 for "see the tokenizer"
-                return value
+            if field == "vocab_size" and value == -1:
+                continue  # Meta writes vocab_size -1 for "see the tokenizer"
+            if value is not None:
+                return _checked_field(catalog, field, key, value)
         return None
 
     def pick(field: str, shape_value, check: bool = True):
@@ -197,4 +209,41 @@ def _tied(catalog: SourceCatalog, family: SizeSpec, config: dict) -> bool:
     if head.pieces == catalog.tensors[family.embedding].pieces:
         return True  # one storage under two names (a torch.save of a tied model)
     value = config.get("tie_word_embeddings") if family is not META_SIZES else None
-    return bool(value) if value is not None else False  # transformers ties a stored head when asked to
+    if value is None:
+        return False
+    return _checked_field(catalog, "tied_embeddings", "tie_word_embeddings", value)
+
+
+def _config_file(catalog: SourceCatalog):
+    return catalog.root / ("params.json" if catalog.layout == "meta" else "config.json")
+
+
+def _describe(value) -> str:
+    return f"{type(value).__name__} {short(value, 40)}"
+
+
+def _checked_field(catalog: SourceCatalog, field: str, key: str, value):
+    """The config's value for `field` (read from `key`) when its type and range make sense, else one
+    SourceError naming the file and the key: every later step does arithmetic with these values."""
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if field in _SIZE_FIELDS:
+        if not is_int or not 1 <= value <= MAX_CONFIG_SIZE:
+            problem = f"a whole number from 1 to 2^40, got {_describe(value)}"
+        else:
+            return value
+    elif field == "norm_eps":
+        if not is_number or not 0 <= value < math.inf:
+            problem = f"a finite number >= 0, got {_describe(value)}"
+        else:
+            return value
+    elif field == "tied_embeddings":
+        if not isinstance(value, bool):
+            problem = f"true or false, got {_describe(value)}"
+        else:
+            return value
+    elif not isinstance(value, str) or not value:  # hidden_act: a name
+        problem = f"a non-empty string, got {_describe(value)}"
+    else:
+        return value
+    raise SourceError(f"{_config_file(catalog)}: field '{key}' must be {problem}")  # transformers ties a stored head when asked to

@@ -159,6 +159,8 @@ class OutputState:
         return OutputRefused(f"another conversion is writing to {self.directory}; refusing to run two at once")
 
     def _check_identity(self, identity: dict) -> None:
+        if not (self.path / "run.json").exists():
+            return  # stopped between taking the lock and recording the run: nothing was written to keep
         recorded = self._read_identity()
         if recorded != identity:
             changed = sorted(k for k in set(identity) | set(recorded or {})
@@ -179,11 +181,14 @@ class OutputState:
                 except OutputRefused:
                     self.unlock()
                     raise
-                return self._complete_shards(shard_names)
-            self._lock()  # --overwrite; held from here on: nobody else can start on this output meanwhile
-            for path in self.stale_outputs(aux_names):
-                if path.is_file():
-                    path.unlink()
+                if (self.path / "run.json").exists():
+                    return self._complete_shards(shard_names)
+                # no run recorded yet (stopped right after taking the lock): this run starts the state
+            else:
+                self._lock()  # --overwrite; held from here on: nobody else can start on this output meanwhile
+                for path in self.stale_outputs(aux_names):
+                    if path.is_file():
+                        path.unlink()
         self._lock()
         self._clear_state()
         write_atomic(self.path / "run.json", json.dumps(identity, indent=2, sort_keys=True))

@@ -21,6 +21,7 @@ from mmrec.schema import parameter_specs
 from .layout import rows_of
 from .output import REPORT_NAME, STATE_DIR
 from .plan.model import TensorPlan
+from .sources.catalog import SourceError, load_json
 from .checksums import ALGORITHM as CHECKSUM_ALGORITHM, WHOLE_TENSOR_ALGORITHM, file_checksum
 
 
@@ -49,11 +50,11 @@ def _locate(output: Path, problems: list[str]) -> tuple[list[Path], Path | None,
     index = output / INDEX_NAME
     if not index.exists():
         return sorted(output.glob("*.safetensors")), None, output / REPORT_NAME
-    try:
-        names = list(dict.fromkeys(json.loads(index.read_text())["weight_map"].values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        problems.append(f"{index}: not a valid index ({type(exc).__name__}: {exc})")
+    index_data, problem = _read_json_object(index, _index_shape_problem)
+    if problem:
+        problems.append(problem)
         return [], None, output / REPORT_NAME
+    names = list(dict.fromkeys(index_data["weight_map"].values()))
     files = []
     for name in names:
         if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
@@ -94,13 +95,14 @@ def verify(output: str | Path, source: str | Path | None = None, block_bytes: in
         result.problems[:] = [missing_report[0]]
         return result
     if index_path is not None:
-        _check_index(index_path, spans, result)
+        _check_index(index_path, _read_json_object(index_path, _index_shape_problem)[0], spans, result)
     config = _config(output, files, headers, result)
     if config is not None:
         _check_schema(config, spans, result)
-    report = json.loads(report_path.read_text()) if missing_report is None else None
-    if missing_report is not None:
-        result.problems.append(missing_report[0])
+    report, problem = (None, missing_report[0]) if missing_report else _read_json_object(report_path,
+                                                                                        _report_shape_problem)
+    if problem:
+        result.problems.append(problem)
     else:
         _check_checksums(report, spans, result)
         if source is not None:
@@ -118,7 +120,7 @@ def _missing_report(output: Path, report_path: Path, headers: dict, spans: dict)
     if output.is_dir():
         try:
             model_type = json.loads((output / "config.json").read_text()).get("model_type")
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, AttributeError, RecursionError):
             model_type = None
     elif any(CONFIG_METADATA_KEY in h.metadata for h in headers.values()):
         model_type = "mmrec"
@@ -131,9 +133,40 @@ def _missing_report(output: Path, report_path: Path, headers: dict, spans: dict)
             "shard-convert`, or its report was removed)", False)
 
 
-def _check_index(index_path: Path, spans: dict, result: VerifyResult) -> None:
-    index = json.loads(index_path.read_text())
-    weight_map = index.get("weight_map", {})
+def _read_json_object(path: Path, shape_problem) -> tuple[dict | None, str | None]:
+    """(the JSON object in `path`, None), or (None, one line naming the file and what is wrong with it):
+    unreadable, not JSON, or of the wrong shape (`shape_problem(data)` says which field)."""
+    try:
+        data = load_json(path)
+    except SourceError as exc:
+        return None, str(exc)
+    problem = shape_problem(data)
+    return (None, f"{path}: {problem}") if problem else (data, None)
+
+
+def _index_shape_problem(index: dict) -> str | None:
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        return "not a valid index ('weight_map' must map tensor names to file names)"
+    if not isinstance(index.get("metadata", {}), dict):
+        return "not a valid index ('metadata' must be an object)"
+    return None
+
+
+def _report_shape_problem(report: dict) -> str | None:
+    tensors = report.get("tensors", {})
+    if not isinstance(tensors, dict) or not all(isinstance(e, dict) for e in tensors.values()):
+        return "not a valid conversion report ('tensors' must map tensor names to objects)"
+    if not isinstance(report.get("checksum_algorithm", ""), str):
+        return "not a valid conversion report ('checksum_algorithm' must be a string)"
+    seed = report.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
+        return "not a valid conversion report ('seed' must be a whole number from 0 to 2^64 - 1)"
+    return None
+
+
+def _check_index(index_path: Path, index: dict, spans: dict, result: VerifyResult) -> None:
+    weight_map = index["weight_map"]
     for name, file_name in weight_map.items():
         if name not in spans:
             result.problems.append(f"{index_path.name}: '{name}' is indexed in {file_name} but not stored there")
@@ -154,7 +187,7 @@ def _config(output: Path, files: list[Path], headers: dict, result: VerifyResult
             return MMRecConfig.load(output)
         header = headers.get(files[0])
         return MMRecConfig.from_dict(json.loads(header.metadata[CONFIG_METADATA_KEY]))
-    except (ValueError, KeyError, AttributeError) as exc:
+    except (ValueError, KeyError, AttributeError, TypeError, RecursionError) as exc:
         result.problems.append(f"{output}: no usable config ({exc})")
         return None
 
@@ -209,9 +242,14 @@ def _recompute(report: dict, spans: dict, source: Path, block_bytes: int, result
     catalog = open_source(source)
     seed = report.get("seed", 0)
     for name, entry in report.get("tensors", {}).items():
-        if entry["kind"] == "init" or name not in spans:
+        if entry.get("kind") == "init" or name not in spans:
             continue
-        plan = TensorPlan.from_dict({"name": name, **entry})
+        try:
+            plan = TensorPlan.from_dict({"name": name, **entry})
+        except (KeyError, TypeError, ValueError) as exc:
+            result.problems.append(f"tensor '{name}': its recipe in the report is not valid ({exc}); "
+                                   "cannot recompute it")
+            continue
         file, span = spans[name]
         rows, row_bytes = rows_of(plan.shape, span.nbytes)
         step = rows_per_block(plan, block_bytes)

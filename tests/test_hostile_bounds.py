@@ -187,3 +187,37 @@ def test_many_empty_tensors_under_the_limit_still_read(tmp_path):
     path = tmp_path / "model.safetensors"
     path.write_bytes(struct.pack("<Q", len(body)) + body)
     assert len(read_header(path).tensors) == n
+
+
+class _ForgedTensor:
+    """Pickles as torch's own tensor rebuild call, with a size/stride/offset torch would never write."""
+
+    def __init__(self, size, stride, offset=0):
+        import torch
+
+        base = torch.arange(16, dtype=torch.float32)
+        self.storage = torch.storage.TypedStorage(wrap_storage=base.untyped_storage(), dtype=base.dtype,
+                                                  _internal=True)
+        self.args = (offset, size, stride)
+
+    def __reduce__(self):
+        import collections
+
+        import torch
+
+        offset, size, stride = self.args
+        return torch._utils._rebuild_tensor_v2, (self.storage, offset, size, stride, False,
+                                                 collections.OrderedDict())
+
+
+@pytest.mark.parametrize("size,stride,offset", [((-1, 4), (4, 1), 0), ((4, 4), (-4, 1), 0), ((2, 4), (4, 1), -3)])
+def test_a_torch_tensor_with_a_negative_size_stride_or_offset_is_refused(tmp_path, size, stride, offset):
+    import torch
+
+    path = tmp_path / "forged.pt"
+    torch.save({"w": _ForgedTensor(size, stride, offset)}, path)
+    result = subprocess.run([sys.executable, "-m", "mmrec.cli.app", "inspect", str(path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "forged.pt" in lines[0] and "negative" in lines[0], result.stderr

@@ -249,3 +249,90 @@ def test_unparseable_mmrec_config_names_the_file(converted, data, tmp_path, text
     assert result.exit_code == 1, result.output
     err = one_error_line(result)
     assert f"{ckpt / 'config.json'}: invalid JSON" in err
+
+
+@pytest.fixture(scope="module")
+def llama_dir_copy(family_checkpoints, tmp_path_factory):
+    """A function that copies the tiny llama checkpoint and rewrites one config.json field."""
+    import shutil
+
+    def make(field, value) -> Path:
+        src = tmp_path_factory.mktemp("cfg") / "src"
+        shutil.copytree(family_checkpoints["llama"], src)
+        config = json.loads((src / "config.json").read_text())
+        config[field] = value
+        (src / "config.json").write_text(json.dumps(config))
+        return src
+    return make
+
+
+@pytest.mark.parametrize("field,value", [
+    ("num_attention_heads", 0), ("num_attention_heads", "4"), ("num_attention_heads", 2.5),
+    ("num_attention_heads", True), ("num_key_value_heads", 0), ("num_key_value_heads", [2]),
+    ("hidden_size", int("9" * 300)), ("intermediate_size", -8), ("vocab_size", {"a": 1}),
+    ("head_dim", 0), ("num_hidden_layers", 0),
+    ("rms_norm_eps", "x"), ("rms_norm_eps", -1.0), ("hidden_act", 3), ("hidden_act", ["silu"]),
+    ("tie_word_embeddings", "yes"), ("model_type", ["llama"]), ("model_type", 7),
+])
+def test_wrong_types_in_a_source_config_are_one_line(llama_dir_copy, tmp_path, field, value):
+    src = llama_dir_copy(field, value)
+    for command in (["inspect", str(src)], ["plan", str(src)],
+                    ["shard-convert", "--source", str(src), "--output", str(tmp_path / "out")]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 1, (command, result.output)
+        line = one_error_line(result)
+        assert "config.json" in line and field in line, line
+        assert len(line) < 400
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def sharded_output(family_checkpoints, tmp_path_factory) -> Path:
+    from mmrec.streaming.convert import ConvertOptions, convert
+
+    out = tmp_path_factory.mktemp("hvs") / "converted"
+    convert(ConvertOptions(source=family_checkpoints["llama"], output=out, max_shard_size="64KB", quiet=True))
+    assert (out / "model.safetensors.index.json").exists()
+    return out
+
+
+def _corrupt_copy(sharded_output, tmp_path, name, text) -> Path:
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(sharded_output, out)
+    (out / name).write_text(text)
+    return out
+
+
+@pytest.mark.parametrize("name,text,fragment", [
+    ("model.safetensors.index.json", '{"weight_map": [1, 2]}', "weight_map"),
+    ("model.safetensors.index.json", '{"weight_map": {"embedding.weight": 3}}', "weight_map"),
+    ("model.safetensors.index.json", "WM", "metadata"),  # replaced below by a valid map + bad metadata
+    ("model.safetensors.index.json", "[" * 100000, "JSON"),
+    ("conversion_report.json", "{not json", "JSON"),
+    ("conversion_report.json", '{"tensors": [1]}', "tensors"),
+    ("conversion_report.json", '{"tensors": {"embedding.weight": 5}}', "tensors"),
+    ("conversion_report.json", '{"tensors": {}, "checksum_algorithm": 7}', "checksum_algorithm"),
+    ("conversion_report.json", '{"tensors": {}, "seed": 1e400}', "seed"),
+])
+def test_verify_names_the_file_of_a_malformed_index_or_report(sharded_output, tmp_path, name, text, fragment):
+    if text == "WM":
+        index = json.loads((sharded_output / name).read_text())
+        text = json.dumps({"weight_map": index["weight_map"], "metadata": [1]})
+    out = _corrupt_copy(sharded_output, tmp_path, name, text)
+    result = runner.invoke(app, ["verify", str(out)])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and "internal error" not in result.output
+    assert any(name in line and fragment in line for line in result.output.splitlines()), result.output
+
+
+def test_verify_source_refuses_a_report_recipe_it_cannot_read(sharded_output, family_checkpoints, tmp_path):
+    report = json.loads((sharded_output / "conversion_report.json").read_text())
+    name = next(n for n, e in report["tensors"].items() if e.get("kind") != "init")
+    report["tensors"][name]["shape"] = "huge"
+    out = _corrupt_copy(sharded_output, tmp_path, "conversion_report.json", json.dumps(report))
+    result = runner.invoke(app, ["verify", str(out), "--source", str(family_checkpoints["llama"])])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and "internal error" not in result.output
+    assert name in result.output

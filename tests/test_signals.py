@@ -50,15 +50,16 @@ def _assert_one_line(code: int, stderr: str) -> None:
 
 
 def _finish_and_verify(source: Path, out: Path) -> None:
-    state = out / ".mmrec-convert" / "run.json"
-    if state.exists():  # an interrupted conversion is there: continue it
-        result = subprocess.run([*MMREC, "shard-convert", "--source", str(source), "--output", str(out),
-                                 *OPTIONS, "--resume"], capture_output=True, text=True, timeout=120)
+    convert = [*MMREC, "shard-convert", "--source", str(source), "--output", str(out), *OPTIONS]
+    if (out / ".mmrec-convert" / "run.json").exists():  # an interrupted conversion is there: continue it
+        finish = [*convert, "--resume"]
+    elif (out / "conversion_report.json").exists():  # the SIGINT came after the last shard was sealed
+        finish = None
     else:  # stopped before the output was touched: nothing to resume
-        assert not (out / "conversion_report.json").exists()
-        result = subprocess.run([*MMREC, "shard-convert", "--source", str(source), "--output", str(out),
-                                 *OPTIONS, "--overwrite"], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
+        finish = [*convert, "--overwrite"]
+    if finish is not None:
+        result = subprocess.run(finish, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
     verified = subprocess.run([*MMREC, "verify", str(out)], capture_output=True, text=True, timeout=120)
     assert verified.returncode == 0, verified.stdout + verified.stderr
 
@@ -87,3 +88,31 @@ def test_two_sigints_while_writing_then_resume(source, tmp_path, shards_done, ga
     _assert_one_line(*_two_sigints(process, gap))
     assert not (out / "conversion_report.json").exists()
     _finish_and_verify(source, out)
+
+
+def test_a_command_without_resume_does_not_suggest_it(tmp_path):
+    process = subprocess.Popen([*MMREC, "demo", "--output", str(tmp_path / "demo")], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    code, stderr = process.wait(timeout=60), process.stderr.read()
+    assert "Traceback" not in stderr and code == 130, stderr
+    assert stderr.splitlines()[-1] == "error: interrupted"
+
+
+def test_resume_after_a_stop_between_the_lock_and_the_run_record(source, tmp_path):
+    """A Ctrl-C right after the state directory's lock was taken leaves `.mmrec-convert/lock` and nothing else:
+    --resume starts the run (there is nothing to keep), and the bytes equal an uninterrupted conversion."""
+    reference, out = tmp_path / "reference", tmp_path / "out"
+    convert = [*MMREC, "shard-convert", "--source", str(source), *OPTIONS]
+    assert subprocess.run([*convert, "--output", str(reference)], timeout=120).returncode == 0
+    (out / ".mmrec-convert").mkdir(parents=True)
+    (out / ".mmrec-convert" / "lock").touch()
+    refused = subprocess.run([*convert, "--output", str(out)], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 3 and "--resume" in refused.stderr, refused.stderr
+    resumed = subprocess.run([*convert, "--output", str(out), "--resume"], capture_output=True, text=True,
+                             timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    for path in reference.iterdir():
+        if path.suffix == ".safetensors":
+            assert (out / path.name).read_bytes() == path.read_bytes(), path.name

@@ -14,6 +14,8 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
+from mmrec.messages import short
+
 from .model import PlanError
 
 
@@ -65,22 +67,22 @@ TABLES = {"default": DEFAULT_TABLE, "extended": EXTENDED_TABLE, "none": {}}
 
 def _parse_entry(raw: Any, where: str) -> MapEntry:
     if not isinstance(raw, dict) or not isinstance(raw.get("target"), str):
-        raise PlanError(f"{where}: each mapping needs a 'target' string, got {raw!r}")
+        raise PlanError(f"{where}: each mapping needs a 'target' string, got {short(raw)}")
     unknown = set(raw) - {"target", "source", "role", "transforms", "repeat_kv", "score"}
     if unknown:
-        raise PlanError(f"{where}: mapping for '{raw['target']}' has unknown keys {sorted(unknown)}")
+        raise PlanError(f"{where}: mapping for {short(raw['target'])} has unknown keys {sorted(unknown)}")
     transforms = raw.get("transforms") or []
     if not isinstance(transforms, list) or not all(isinstance(t, dict) and "op" in t for t in transforms):
-        raise PlanError(f"{where}: 'transforms' of '{raw['target']}' must be a list of {{op: ...}} objects")
+        raise PlanError(f"{where}: 'transforms' of {short(raw['target'])} must be a list of {{op: ...}} objects")
     from ..transforms import check_ops
 
     try:
         check_ops(transforms)
     except ValueError as exc:
-        raise PlanError(f"{where}: mapping for '{raw['target']}': {exc}") from None
+        raise PlanError(f"{where}: mapping for {short(raw['target'])}: {exc}") from None
     score = raw.get("score")
     if score is not None and score not in (1.0, 0.8, 0.5, 0.0):
-        raise PlanError(f"{where}: score of '{raw['target']}' must be 1.0, 0.8, 0.5 or 0.0")
+        raise PlanError(f"{where}: score of {short(raw['target'])} must be 1.0, 0.8, 0.5 or 0.0")
     return MapEntry(raw["target"], role=raw.get("role"), source=raw.get("source"),
                     transforms=tuple(transforms), repeat_kv=bool(raw.get("repeat_kv", False)),
                     score=None if score is None else float(score))
@@ -186,7 +188,7 @@ def load_mapping_file(path: Path) -> tuple[str | None, list[MapEntry]]:
     if isinstance(data, dict) and ("mappings" in data or "base" in data):
         base, data = data.get("base"), data.get("mappings", [])
         if base is not None and base not in TABLES:
-            raise PlanError(f"--mapping-file {path}: 'base' must be one of {sorted(TABLES)}, got {base!r}")
+            raise PlanError(f"--mapping-file {path}: 'base' must be one of {sorted(TABLES)}, got {short(base)}")
     if isinstance(data, dict):  # shorthand {target: source pattern | null | {role: ...}}
         data = [{"target": t, **(v if isinstance(v, dict) else {"source": v})} for t, v in data.items()]
     if not isinstance(data, list):
@@ -215,7 +217,7 @@ class ModelWeightConverter:
 
     def __init__(self, mapping: str = "default", mapping_file: Path | str | None = None):
         if mapping not in ("default", "extended"):
-            raise PlanError(f"--mapping must be 'default' or 'extended', got {mapping!r}")
+            raise PlanError(f"--mapping must be 'default' or 'extended', got {short(mapping)}")
         self.mapping = mapping
         self.mapping_file = Path(mapping_file) if mapping_file else None
         self.table: dict[str, MapEntry] = dict(TABLES[mapping])

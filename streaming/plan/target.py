@@ -6,6 +6,7 @@ from collections import Counter
 from typing import Any
 
 from mmrec.config import ConfigError, MMRecConfig
+from mmrec.messages import short
 from mmrec.safetensors_format import CODE_TO_TORCH_NAME, DTYPE_SIZES, TORCH_NAME_TO_CODE
 
 from .model import PlanError
@@ -69,14 +70,9 @@ def check_planned_size(sizes: dict, tied: Any, out_dtype: str, overrides: dict) 
     nbytes = params * DTYPE_SIZES.get(out_dtype, 8)
     if nbytes > MAX_PLANNED_BYTES:
         named = [k for k in OVERRIDE_KEYS if k in overrides]
-        which = (" (from " + ", ".join(f"--{k} {_short_int(overrides[k])}" for k in named) + ")") if named else ""
-        raise PlanError(f"the target would hold at least {_short_int(nbytes)} bytes, over the {MAX_PLANNED_BYTES}-"
+        which = (" (from " + ", ".join(f"--{k} {short(overrides[k])}" for k in named) + ")") if named else ""
+        raise PlanError(f"the target would hold at least {short(nbytes)} bytes, over the {MAX_PLANNED_BYTES}-"
                         f"byte (1 PiB) limit for a planned output{which}")
-
-
-def _short_int(value: Any) -> str:
-    text = str(value)
-    return text if len(text) <= 40 else f"{text[:20]}... ({len(text)} digits)"
 
 
 def build_target_config(a: Any, overrides: dict | None, out_dtype: str) -> tuple[MMRecConfig, list[str]]:

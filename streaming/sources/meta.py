@@ -76,6 +76,9 @@ def _join(name, dtype, slices, files, params) -> SourceTensor:
 
 def _join_dim(name: str, shapes, params) -> int | None:
     if name == "tok_embeddings.weight":
+        if any(len(s) != 2 for s in shapes):
+            raise SourceError(f"Meta checkpoint: tensor '{name}' should be 2-D in every shard, has shapes "
+                              f"{[list(s) for s in shapes]}")
         # LLaMA 1/2 split the embedding's columns (ParallelEmbedding); LLaMA 3 splits the vocabulary
         # (VocabParallelEmbedding), leaving every slice full width.
         return 0 if shapes[0][1] == params.get("dim") else 1

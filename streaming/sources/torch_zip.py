@@ -210,10 +210,12 @@ def _dtype_name(dtype) -> str:
 def _lazy(storage, storage_offset, size, stride, dtype: str | None) -> LazyTensor:
     if not isinstance(storage, _Storage):
         raise pickle.UnpicklingError("a tensor rebuilt without a storage")
-    if type(storage_offset) is not int:
-        raise pickle.UnpicklingError("a tensor's storage offset is not an integer")
-    return LazyTensor(storage, storage_offset, _ints(size, "a tensor's size"), _ints(stride, "a tensor's stride"),
-                      storage.dtype if dtype is None else dtype)
+    if type(storage_offset) is not int or storage_offset < 0:
+        raise pickle.UnpicklingError(f"a tensor's storage offset {storage_offset!r} is negative or not an integer")
+    size, stride = _ints(size, "a tensor's size"), _ints(stride, "a tensor's stride")
+    if any(v < 0 for v in size + stride):  # torch never writes these; a size of -1 would be read as huge
+        raise pickle.UnpicklingError(f"a tensor's size {list(size)} or stride {list(stride)} is negative")
+    return LazyTensor(storage, storage_offset, size, stride, storage.dtype if dtype is None else dtype)
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride):
