@@ -14,6 +14,7 @@ from typing import Any
 import typer
 
 from mmrec.streaming.plan.init_modes import DEFAULT_INIT_MODE, INIT_MODES
+from mmrec.streaming.plan.target import OVERRIDE_KEYS
 
 from .errors import EXIT_USAGE, fail
 
@@ -21,7 +22,7 @@ INIT_HELP = (f"How tensors the source cannot fill start: {', '.join(INIT_MODES)}
              f"(default {DEFAULT_INIT_MODE}; docs/init-modes.md).")
 
 FLAG = ""  # metavar of an on/off flag: no placeholder (typer would show <bool>)
-SIZE_NAMES = ("vocab_size", "model_dim", "num_layers", "num_heads", "ffn_dim")
+SIZE_NAMES = OVERRIDE_KEYS  # the target sizes an option may set
 # Every target size is one dimension of a planned tensor (or a count of them): 2^32 is far beyond any model,
 # and refusing more up front keeps an absurd value (10^20) from reaching the planner. The planned output as
 # a whole is bounded too (streaming/plan/target.py: MAX_PLANNED_BYTES).

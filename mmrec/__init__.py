@@ -10,7 +10,7 @@ from importlib import import_module
 from .config import ConfigError, MMRecConfig
 from .schema import ParamSpec, parameter_count, parameter_specs
 
-_LAZY = {"MMRecModel": "model", "BlockState": "model", "conversion_init": "init"}
+_LAZY = {"MMRecModel": "model", "BlockState": "state", "conversion_init": "init"}
 
 __all__ = ["BlockState", "ConfigError", "MMRecConfig", "MMRecModel", "ParamSpec", "conversion_init",
            "parameter_count", "parameter_specs"]

@@ -18,8 +18,8 @@ from torch import nn
 
 from .config import MMRecConfig
 from .init import conversion_init
-from .safetensors_format import (CODE_TO_TORCH_NAME, DTYPE_SIZES, TORCH_NAME_TO_CODE, TensorSpan,
-                                 layout_header, read_header)
+from .safetensors_format import (DTYPE_SIZES, TensorSpan, layout_header, read_header, safetensors_code,
+                                 torch_dtype)
 from .schema import parameter_specs
 from .shards import (CONFIG_METADATA_KEY, INDEX_NAME, SINGLE_NAME, checkpoint_file_paths,  # noqa: F401
                      group_into_shards, parse_size, shard_names, write_index)
@@ -27,21 +27,6 @@ from .shards import (CONFIG_METADATA_KEY, INDEX_NAME, SINGLE_NAME, checkpoint_fi
 
 class CheckpointError(ValueError):
     """A checkpoint that does not match the model; the message lists what is wrong."""
-
-
-def torch_dtype(code_or_name: str | torch.dtype) -> torch.dtype:
-    """'BF16', 'bfloat16' or torch.bfloat16 -> torch.bfloat16."""
-    if isinstance(code_or_name, torch.dtype):
-        return code_or_name
-    name = CODE_TO_TORCH_NAME.get(code_or_name, code_or_name)
-    dtype = getattr(torch, str(name).replace("torch.", ""), None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {code_or_name!r}")
-    return dtype
-
-
-def dtype_code(dtype: torch.dtype) -> str:
-    return TORCH_NAME_TO_CODE[str(dtype).replace("torch.", "")]
 
 
 def save_pretrained(model: nn.Module, path: str | os.PathLike, max_shard_size: str | int = "5GB",
@@ -71,7 +56,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, max_shard_size: s
     weight_map = {}
     for file_name, group in zip(names, groups):
         metadata = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(config_dict, sort_keys=True)}
-        code = {n: dtype_code(out_dtype or tensors[n].dtype) for n in group}
+        code = {n: safetensors_code(out_dtype or tensors[n].dtype) for n in group}
         header, offsets = layout_header([(n, code[n], tuple(tensors[n].shape)) for n in group], metadata)
         with open(directory / file_name, "wb") as f:
             f.write(header)

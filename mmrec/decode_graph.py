@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .model import BlockState
+from .state import BlockState
 
 
 class DecodeGraph:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .safetensors_format import CODE_TO_TORCH_NAME, TensorSpan
+from .safetensors_format import TensorSpan, torch_dtype
 
 CHUNK_BYTES = 32 << 20
 
@@ -30,7 +30,7 @@ class PinnedStreamer:
 
     def load(self, file: Path, span: TensorSpan) -> torch.Tensor:
         """The tensor on the device; its bytes may still be in flight until `finish()`."""
-        out = torch.empty(span.shape, dtype=getattr(torch, CODE_TO_TORCH_NAME[span.dtype]), device=self.device)
+        out = torch.empty(span.shape, dtype=torch_dtype(span.dtype), device=self.device)
         if span.nbytes:
             self._stream_bytes(file, span.start, span.nbytes, out.view(-1).view(torch.uint8))
         return out
@@ -44,7 +44,7 @@ class PinnedStreamer:
         out = {}
         for name, span in header.tensors.items():
             piece = flat[span.start - header.data_start:span.end - header.data_start]
-            out[name] = piece.view(getattr(torch, CODE_TO_TORCH_NAME[span.dtype])).view(span.shape)
+            out[name] = piece.view(torch_dtype(span.dtype)).view(span.shape)
         return out
 
     def _stream_bytes(self, file: Path, start: int, nbytes: int, target: torch.Tensor) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -17,18 +16,9 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import MMRecConfig
 from .recurrence import recurrence
+from .state import BlockState, State
 
 
-class BlockState(NamedTuple):
-    """Recurrent state of one block, carried between calls."""
-
-    h: torch.Tensor  # [B, D] last hidden state of the recurrence
-    mem: torch.Tensor  # [B, P, D] the top HDS level (pooled memory slots)
-    acc: torch.Tensor  # [B, D] sum of block outputs since the last memory write
-    n: int  # tokens since the last memory write
-
-
-State = tuple  # tuple[BlockState, ...], one per block
 
 
 def _activation(name: str) -> nn.Module:

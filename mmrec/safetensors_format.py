@@ -36,6 +36,24 @@ TORCH_NAME_TO_CODE = {
 }
 CODE_TO_TORCH_NAME = {v: k for k, v in TORCH_NAME_TO_CODE.items()}
 
+
+def torch_dtype(code_or_name):
+    """'BF16', 'bfloat16', 'torch.bfloat16' or torch.bfloat16 -> torch.bfloat16 (imports torch)."""
+    import torch
+
+    if isinstance(code_or_name, torch.dtype):
+        return code_or_name
+    name = CODE_TO_TORCH_NAME.get(code_or_name, code_or_name)
+    dtype = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {short(code_or_name)}")
+    return dtype
+
+
+def safetensors_code(dtype) -> str:
+    """The safetensors dtype code of a torch dtype (torch.bfloat16 -> "BF16")."""
+    return TORCH_NAME_TO_CODE[str(dtype).removeprefix("torch.")]
+
 MAX_HEADER_BYTES = 100_000_000  # the library's own limit
 # Tensors one file may list. Zero-size tensors take no data bytes, so the file's size does not bound their
 # count; 200 000 is far above any real shard (a 671B MoE has ~92 000 tensors in all) and keeps a header of a

@@ -15,15 +15,14 @@ from collections import Counter
 
 from mmrec.messages import short
 
-from .families import FAMILIES as FAMILY_CLASSES
+from .families import FAMILIES
 from .families.base import SizeSpec
-from .families.llama import META_SIZES
 from .sources.catalog import SourceCatalog, SourceError, SourceTensor
 
-
-FAMILIES: dict[str, SizeSpec] = {model_type: cls.sizes for model_type, cls in FAMILY_CLASSES.items()}
-# Config-less detection tries the families with the most (most specific) markers first.
-_BY_MARKERS = sorted(((t, f) for t, f in FAMILIES.items() if f.markers), key=lambda item: -len(item[1].markers))
+# Config-less detection tries the name layouts with the most (most specific) markers first.
+_BY_MARKERS = sorted(((model_type, spec) for model_type, cls in FAMILIES.items()
+                      for spec in (cls.sizes, *cls.other_sizes) if spec.markers),
+                     key=lambda item: -len(item[1].markers))
 
 # The largest size any config field may state: far above any real model, far below what would make a
 # later product of sizes (bytes, rows) overflow or allocate without bound.
@@ -58,11 +57,17 @@ class SourceAnalysis:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "SourceAnalysis":
+        """An analysis read back (a plan's or report's `source` entry); fields it lacks are None."""
+        return cls(**{field.name: data.get(field.name) for field in dataclasses.fields(cls)})
+
 
 def detect_family(catalog: SourceCatalog) -> tuple[str, SizeSpec, bool]:
     """(model_type, where its sizes are, whether it was guessed from tensor names for want of a config)."""
-    if catalog.layout == "meta":
-        return "llama", META_SIZES, False
+    for model_type, cls in FAMILIES.items():
+        if catalog.layout in cls.layouts:
+            return model_type, cls.layouts[catalog.layout], False
     config = catalog.config or {}
     model_type = config.get("model_type")
     if model_type is not None and not isinstance(model_type, str):
@@ -78,10 +83,8 @@ def detect_family(catalog: SourceCatalog) -> tuple[str, SizeSpec, bool]:
             raise SourceError(f"{catalog.root}: model_type '{model_type}' is not a known family "
                               f"({', '.join(FAMILIES)}); describe its tensors in a custom mapping file "
                               "(--mapping-file)")
-        return model_type, FAMILIES[model_type], False
+        return model_type, FAMILIES[model_type].sizes, False
     names = catalog.tensors
-    if "tok_embeddings.weight" in names and "layers.0.attention.wq.weight" in names:
-        return "llama", META_SIZES, True  # Meta names in a plain .pth file
     for model_type, family in _BY_MARKERS:
         if all(m in names for m in family.markers):
             return model_type, family, True
@@ -142,7 +145,7 @@ def analyze(catalog: SourceCatalog) -> SourceAnalysis:
     ffn_dim = from_config("ffn_dim")
     if ffn_dim is None:
         ffn_dim = ffn_shape
-        if not (model_type in ("gpt2", "gptj", "gpt_neo") and ffn_shape == 4 * model_dim):
+        if not (family.ffn_default_4x and ffn_shape == 4 * model_dim):
             guessed.append("ffn_dim")  # gpt2-style configs say None for "4 * n_embd": read, not guessed
     elif ffn_dim != ffn_shape:
         raise SourceError(f"{where}: config says ffn_dim = {ffn_dim} but '{family.ffn_tensor}' gives {ffn_shape}")
@@ -208,7 +211,7 @@ def _tied(catalog: SourceCatalog, family: SizeSpec, config: dict) -> bool:
         return True  # no head stored: it is the embedding (transformers omits tied heads)
     if head.pieces == catalog.tensors[family.embedding].pieces:
         return True  # one storage under two names (a torch.save of a tied model)
-    value = config.get("tie_word_embeddings") if family is not META_SIZES else None
+    value = config.get("tie_word_embeddings") if family.reads_tie_flag else None
     if value is None:
         return False
     return _checked_field(catalog, "tied_embeddings", "tie_word_embeddings", value)

@@ -47,8 +47,10 @@ def build_graph(plan: ConversionPlan, layout: OutputLayout, partial_dir: Path, s
             write_keys = []
             for row_start, row_stop in task_row_ranges(slot.rows, slot.row_bytes, task_bytes):
                 key = f"{run_token}-write-{name}-{row_start}"
-                task = tasks.WriteTask(partial, tp.to_dict(), slot.start, slot.row_bytes, row_start, row_stop,
-                                       source, fingerprint, plan.seed, chunk_bytes, copy_ranges.get(name))
+                task = tasks.WriteTask(partial_path=partial, tensor=tp.to_dict(), offset=slot.start,
+                                       row_bytes=slot.row_bytes, row_start=row_start, row_stop=row_stop,
+                                       source=source, fingerprint=fingerprint, seed=plan.seed,
+                                       chunk_bytes=chunk_bytes, copy_from=copy_ranges.get(name))
                 graph[key] = (tasks.write_rows, task)
                 writes[key] = (name, task.nbytes)
                 write_keys.append(key)

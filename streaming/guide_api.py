@@ -30,8 +30,9 @@ from mmrec.config import MMRecConfig
 
 from .convert import ConvertOptions, convert, make_plan
 from .plan.mapping import ModelWeightConverter
+from .plan.target import OVERRIDE_KEYS
 
-_SIZE_FIELDS = ("vocab_size", "model_dim", "num_layers", "num_heads", "ffn_dim")
+_SIZE_FIELDS = OVERRIDE_KEYS  # the target sizes a config may set
 # Fields a model may set as it likes: they change neither the parameters nor what they compute in eval.
 _FREE_FIELDS = ("dropout", "torch_dtype", "extra")
 

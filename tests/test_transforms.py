@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from mmrec.streaming import ops
 from mmrec.streaming import transforms as T
 from mmrec.streaming.plan.model import TensorPlan
 from mmrec.streaming.sources import open_source
@@ -51,7 +52,7 @@ def test_transpose_reads_in_bounded_blocks_and_matches(tensors, catalog, monkeyp
     plan = tp("w", [{"op": "transpose"}], (23, 37))
     full = whole(plan, catalog)
     assert torch.equal(full, tensors["w"].t())
-    monkeypatch.setattr(T, "READ_BLOCK_BYTES", 3 * 23 * 4)  # 3 source rows per read
+    monkeypatch.setattr(ops, "READ_BLOCK_BYTES", 3 * 23 * 4)  # 3 source rows per read
     for step in (1, 4, 5, 22, 23):
         out = chunked(plan, catalog, step)
         assert out.is_contiguous() and torch.equal(out, full)
@@ -67,7 +68,7 @@ def test_reads_are_bounded_by_the_block(tensors, catalog, monkeypatch):
         return out
 
     monkeypatch.setattr(type(catalog), "read", spy)
-    monkeypatch.setattr(T, "READ_BLOCK_BYTES", 4 * 23 * 4)
+    monkeypatch.setattr(ops, "READ_BLOCK_BYTES", 4 * 23 * 4)
     chunked(tp("w", [{"op": "transpose"}], (23, 37)), catalog, 3)
     assert seen and max(seen) <= 4  # never the whole 37-row source at once
     seen.clear()
@@ -91,7 +92,8 @@ def test_take_heads_is_the_neox_interleave(tensors, catalog):
 
 
 def test_gathers_read_runs_when_the_span_is_sparse(tensors, catalog, monkeypatch):
-    monkeypatch.setattr(T, "GATHER_SPAN_FACTOR", 0)  # always read contiguous runs, never the span
+    monkeypatch.setattr(ops, "GATHER_SPAN_FACTOR", 0)  # always read contiguous runs, never the span
+    monkeypatch.setattr(ops, "GATHER_SPAN_SLACK", 0)
     w = tensors["qkv"]
     plan = tp("qkv", [{"op": "take_heads", "num_heads": 4, "parts": 3, "part": 1}], (24, 10))
     assert torch.equal(chunked(plan, catalog, 9), w.view(4, 3, 6, 10)[:, 1].reshape(24, 10))
@@ -135,11 +137,9 @@ def test_pad_rows_with_the_mean(tensors, catalog, monkeypatch):
     assert torch.equal(full[:31], e)
     expect_mean = e.double().mean(0).float()
     assert torch.allclose(full[31:], expect_mean.expand(9, 8), atol=1e-7, rtol=0)
-    monkeypatch.setattr(T, "MEAN_BLOCK_BYTES", 1)  # the mean's blocks come from the shape, not the call
-    catalog.__dict__.pop("_mmrec_pad_means", None)
+    monkeypatch.setattr(ops, "MEAN_BLOCK_BYTES", 1)  # the mean's blocks come from the shape, not the call
     for step in (3, 7, 30, 31, 32):
         assert torch.equal(chunked(plan, catalog, step)[:31], full[:31])
-    catalog.__dict__.pop("_mmrec_pad_means", None)
 
 
 def test_truncate_rows(tensors, catalog):

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..model import BlockState
+from ..state import BlockState
 from .errors import TrainingError
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class SizeSpec:
     """Where analysis finds a family's sizes: tensor names (normalized) and config keys."""
 
@@ -18,14 +18,16 @@ class SizeSpec:
     head: str
     layer_prefix: str  # layer i's tensors start with f"{layer_prefix}{i}."
     ffn_tensor: str  # in layer 0; gives ffn_dim
-    ffn_axis: int  # which axis of ffn_tensor is ffn_dim
-    ffn_div: int  # ffn_tensor's axis holds ffn_div * ffn_dim (phi3's fused gate_up)
+    ffn_axis: int = 0  # which axis of ffn_tensor is ffn_dim
+    ffn_div: int = 1  # ffn_tensor's axis holds ffn_div * ffn_dim (phi3's fused gate_up)
     q_tensor: str | None  # q rows = heads * head_dim (None: fused, read from config)
     k_tensor: str | None
     keys: dict  # field -> config keys tried in order
     hidden_act: str  # default activation
     gated_mlp: bool
     markers: tuple[str, ...]  # normalized names (layer 0) that identify the family without a config
+    ffn_default_4x: bool = False  # the config's ffn size may be null for "4 * model_dim" (gpt2-style): not a guess
+    reads_tie_flag: bool = True  # whether the config's tie_word_embeddings applies (not Meta's params.json)
 
 
 LLAMA_KEYS = {"vocab_size": ("vocab_size",), "model_dim": ("hidden_size",),
@@ -42,9 +44,10 @@ GPT2_KEYS = {"vocab_size": ("vocab_size",), "model_dim": ("n_embd", "hidden_size
 def llama_sizes(hidden_act: str = "silu", markers=("layers.0.self_attn.q_proj.weight",
                                                     "layers.0.mlp.gate_proj.weight"), **changes) -> SizeSpec:
     """The Hugging Face LLaMA layout's sizes, shared by llama, mistral, qwen2, gemma."""
-    spec = SizeSpec("embed_tokens.weight", "lm_head.weight", "layers.", "layers.0.mlp.up_proj.weight", 0, 1,
-                    "layers.0.self_attn.q_proj.weight", "layers.0.self_attn.k_proj.weight", LLAMA_KEYS,
-                    hidden_act, True, markers)
+    spec = SizeSpec(embedding="embed_tokens.weight", head="lm_head.weight", layer_prefix="layers.",
+                    ffn_tensor="layers.0.mlp.up_proj.weight", q_tensor="layers.0.self_attn.q_proj.weight",
+                    k_tensor="layers.0.self_attn.k_proj.weight", keys=LLAMA_KEYS, hidden_act=hidden_act,
+                    gated_mlp=True, markers=markers)
     return dataclasses.replace(spec, **changes)
 
 
@@ -69,6 +72,8 @@ class Family:
 
     model_types: ClassVar[tuple[str, ...]] = ()
     sizes: ClassVar[SizeSpec]  # how analysis reads this family's sizes
+    other_sizes: ClassVar[tuple[SizeSpec, ...]] = ()  # the family under other tensor names (Meta's own llama)
+    layouts: ClassVar[dict[str, SizeSpec]] = {}  # a source layout that is always this family (Meta's "meta")
     norm_is_layernorm: ClassVar[bool] = False  # LayerNorm (weight + bias): norms transfer at 0.5
 
     def roles(self, a: Any, names: set[str]) -> tuple[dict[str, Src], dict[str, Src]]:

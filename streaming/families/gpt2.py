@@ -11,8 +11,9 @@ from .base import Family, GPT2_KEYS, SizeSpec, Src, norm, register, rows, transp
 @register
 class GPT2(Family):
     model_types = ("gpt2",)
-    sizes = SizeSpec("wte.weight", "lm_head.weight", "h.", "h.0.mlp.c_fc.weight", 1, 1, None, None, GPT2_KEYS,
-                     "gelu_new", False, ("h.0.attn.c_attn.weight",))
+    sizes = SizeSpec(embedding="wte.weight", head="lm_head.weight", layer_prefix="h.",
+                     ffn_tensor="h.0.mlp.c_fc.weight", ffn_axis=1, q_tensor=None, k_tensor=None, keys=GPT2_KEYS,
+                     hidden_act="gelu_new", gated_mlp=False, markers=("h.0.attn.c_attn.weight",), ffn_default_4x=True)
     norm_is_layernorm = True
 
     def roles(self, a, names):

@@ -8,11 +8,13 @@ from .base import Family, GPT2_KEYS, SizeSpec, Src, norm, register
 @register
 class GPTNeo(Family):
     model_types = ("gpt_neo",)
-    sizes = SizeSpec("wte.weight", "lm_head.weight", "h.", "h.0.mlp.c_fc.weight", 0, 1,
-                     "h.0.attn.attention.q_proj.weight", "h.0.attn.attention.k_proj.weight",
-                     {**GPT2_KEYS, "model_dim": ("hidden_size",), "num_layers": ("num_layers",),
-                      "num_heads": ("num_heads",), "ffn_dim": ("intermediate_size",)},
-                     "gelu_new", False, ("h.0.attn.attention.q_proj.weight",))
+    sizes = SizeSpec(embedding="wte.weight", head="lm_head.weight", layer_prefix="h.",
+                     ffn_tensor="h.0.mlp.c_fc.weight", q_tensor="h.0.attn.attention.q_proj.weight",
+                     k_tensor="h.0.attn.attention.k_proj.weight",
+                     keys={**GPT2_KEYS, "model_dim": ("hidden_size",), "num_layers": ("num_layers",),
+                           "num_heads": ("num_heads",), "ffn_dim": ("intermediate_size",)},
+                     hidden_act="gelu_new", gated_mlp=False, markers=("h.0.attn.attention.q_proj.weight",),
+                     ffn_default_4x=True)
     norm_is_layernorm = True
 
     def roles(self, a, names):

@@ -12,9 +12,10 @@ def _qkv(pattern: str, heads: int, part: int) -> Src:
 @register
 class GPTNeoX(Family):
     model_types = ("gpt_neox",)
-    sizes = SizeSpec("embed_in.weight", "embed_out.weight", "layers.", "layers.0.mlp.dense_h_to_4h.weight", 0, 1,
-                     None, None, {**LLAMA_KEYS, "num_kv_heads": (), "head_dim": (), "norm_eps": ("layer_norm_eps",)},
-                     "gelu", False, ("layers.0.attention.query_key_value.weight",))
+    sizes = SizeSpec(embedding="embed_in.weight", head="embed_out.weight", layer_prefix="layers.",
+                     ffn_tensor="layers.0.mlp.dense_h_to_4h.weight", q_tensor=None, k_tensor=None,
+                     keys={**LLAMA_KEYS, "num_kv_heads": (), "head_dim": (), "norm_eps": ("layer_norm_eps",)},
+                     hidden_act="gelu", gated_mlp=False, markers=("layers.0.attention.query_key_value.weight",))
     norm_is_layernorm = True
 
     def roles(self, a, names):

@@ -11,9 +11,10 @@ from .base import Family, GPT2_KEYS, SizeSpec, Src, norm, register
 @register
 class GPTJ(Family):
     model_types = ("gptj",)
-    sizes = SizeSpec("wte.weight", "lm_head.weight", "h.", "h.0.mlp.fc_in.weight", 0, 1, "h.0.attn.q_proj.weight",
-                     "h.0.attn.k_proj.weight", GPT2_KEYS, "gelu_new", False,
-                     ("h.0.attn.q_proj.weight", "h.0.mlp.fc_in.weight"))
+    sizes = SizeSpec(embedding="wte.weight", head="lm_head.weight", layer_prefix="h.",
+                     ffn_tensor="h.0.mlp.fc_in.weight", q_tensor="h.0.attn.q_proj.weight",
+                     k_tensor="h.0.attn.k_proj.weight", keys=GPT2_KEYS, hidden_act="gelu_new", gated_mlp=False,
+                     markers=("h.0.attn.q_proj.weight", "h.0.mlp.fc_in.weight"), ffn_default_4x=True)
     norm_is_layernorm = True
 
     def roles(self, a, names):

@@ -32,17 +32,21 @@ def meta_roles(a) -> tuple[dict[str, Src], dict[str, Src]]:
 
 
 # Meta's own names for the llama family (params.json instead of config.json).
-META_SIZES = SizeSpec("tok_embeddings.weight", "output.weight", "layers.", "layers.0.feed_forward.w1.weight", 0, 1,
-                      "layers.0.attention.wq.weight", "layers.0.attention.wk.weight",
-                      {"vocab_size": ("vocab_size",), "model_dim": ("dim",), "num_layers": ("n_layers",),
-                       "num_heads": ("n_heads",), "num_kv_heads": ("n_kv_heads",), "norm_eps": ("norm_eps",)},
-                      "silu", True, ())
+META_SIZES = SizeSpec(embedding="tok_embeddings.weight", head="output.weight", layer_prefix="layers.",
+                      ffn_tensor="layers.0.feed_forward.w1.weight", q_tensor="layers.0.attention.wq.weight",
+                      k_tensor="layers.0.attention.wk.weight",
+                      keys={"vocab_size": ("vocab_size",), "model_dim": ("dim",), "num_layers": ("n_layers",),
+                            "num_heads": ("n_heads",), "num_kv_heads": ("n_kv_heads",), "norm_eps": ("norm_eps",)},
+                      hidden_act="silu", gated_mlp=True,
+                      markers=("tok_embeddings.weight", "layers.0.attention.wq.weight"), reads_tie_flag=False)
 
 
 @register
 class Llama(Family):
     model_types = ("llama",)
     sizes = llama_sizes()
+    other_sizes = (META_SIZES,)  # Meta names in a plain .pth file
+    layouts = {"meta": META_SIZES}  # consolidated.NN.pth + params.json
 
     def roles(self, a, names):
         if is_meta(names):

@@ -7,6 +7,7 @@ can be printed, saved, compared between runs (resume checks) and shipped to work
 from __future__ import annotations
 
 import dataclasses
+import math
 import json
 from typing import Any
 
@@ -17,13 +18,6 @@ SCORES = (SCORE_COPY, SCORE_EXACT, SCORE_PARTIAL, SCORE_NEW)
 
 class PlanError(ValueError):
     """A conversion that cannot be planned; the message names the option or tensor at fault."""
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 @dataclasses.dataclass
@@ -39,7 +33,7 @@ class TensorPlan:
 
     @property
     def numel(self) -> int:
-        return _numel(self.shape)
+        return math.prod(self.shape)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "kind": self.kind,

@@ -5,12 +5,12 @@ Pure: reads only headers (catalog.tensors) and the analysis; the same inputs giv
 
 from __future__ import annotations
 
-import types
-from typing import Any
+import copy
 
 from mmrec.schema import parameter_specs
 
-from ..transforms import STRUCTURAL_FREE, infer_shape
+from ..analysis import SourceAnalysis
+from ..transforms import infer_shape, keeps_meaning
 from ..families import FAMILIES, get_family
 from ..families.base import kv_dim
 from .layers import build_layer_map
@@ -20,24 +20,6 @@ from .model import SCORE_COPY, SCORE_EXACT, SCORE_NEW, SCORE_PARTIAL, Conversion
 from .target import build_target_config, output_dtype
 
 VOCAB_TENSORS = ("embedding.weight", "lm_head.weight")
-_ANALYSIS_FIELDS = ("model_type", "vocab_size", "model_dim", "num_layers", "num_heads", "num_kv_heads",
-                    "head_dim", "ffn_dim", "tied_embeddings", "dtype", "hidden_act", "gated_mlp", "norm_eps",
-                    "guessed", "layout")
-
-
-def _as_analysis(analysis: Any) -> Any:
-    """Accept a SourceAnalysis or its dict (e.g. read back from a report)."""
-    if isinstance(analysis, dict):
-        return types.SimpleNamespace(**{k: analysis.get(k) for k in _ANALYSIS_FIELDS})
-    return analysis
-
-
-def _analysis_dict(analysis: Any) -> dict:
-    if isinstance(analysis, dict):
-        return dict(analysis)
-    if hasattr(analysis, "to_dict"):
-        return analysis.to_dict()
-    return {k: getattr(analysis, k, None) for k in _ANALYSIS_FIELDS}
 
 
 class _Planner:
@@ -118,7 +100,7 @@ class _Planner:
                 return self.new(spec, f"shape {list(spec.shape)} differs from the source's {list(shape)}")
         if st.dtype != self.out_dtype:
             ops.append({"op": "cast", "dtype": self.out_dtype})
-        structural = [op for op in ops[neutral:] if op["op"] not in STRUCTURAL_FREE]
+        structural = [op for op in ops[neutral:] if not keeps_meaning(op)]
         score = entry.score if entry.score is not None else (
             SCORE_PARTIAL if partial else SCORE_EXACT if structural else SCORE_COPY)
         return TensorPlan(spec.name, self.out_dtype, tuple(spec.shape), "transform" if ops else "copy",
@@ -134,19 +116,21 @@ def plan(catalog, analysis, overrides: dict | None = None, *, mapping: str = "de
          mapping_file=None, layer_map: str | list = "first", strict: bool = False,
          initialize_new: bool = True, dtype: str | None = None, seed: int = 0,
          converter: ModelWeightConverter | None = None, init: str = DEFAULT_INIT_MODE) -> ConversionPlan:
-    a = _as_analysis(analysis)
+    """The plan for `catalog`, given its analysis (a SourceAnalysis, or its dict read back from a report)."""
+    a = SourceAnalysis.from_dict(analysis) if isinstance(analysis, dict) else analysis
     init_mode = get_init_mode(init)
     if converter is not None and (mapping_file is not None or mapping != "default"):
         raise PlanError("give --mapping / --mapping-file to the converter itself, not beside it")
     converter = converter or ModelWeightConverter(mapping, mapping_file)
-    family = get_family(getattr(a, "model_type", None))
+    family = get_family(a.model_type)
     if family is None and converter.mapping_file is None:
-        raise PlanError(f"unknown model family {getattr(a, 'model_type', None)!r} (known: "
+        raise PlanError(f"unknown model family {a.model_type!r} (known: "
                         f"{', '.join(sorted(FAMILIES))}); describe its tensors in a custom mapping file "
                         f"with --mapping-file")
     out_dtype = output_dtype(dtype, a, catalog)
     cfg, warnings = build_target_config(a, overrides, out_dtype)
-    lmap = build_layer_map(layer_map, getattr(a, "num_layers", 0) or 0, cfg.num_layers)
+    lmap = build_layer_map(layer_map, a.num_layers or 0, cfg.num_layers)
+    converter = copy.copy(converter)  # the caller's converter stays as given; this plan's copy knows the layers
     converter.layer_map = lmap
     roles = family.roles(a, set(catalog.tensors)) if family else ({}, {})
     p = _Planner(catalog, a, cfg, out_dtype, converter, roles, lmap)
@@ -166,7 +150,7 @@ def plan(catalog, analysis, overrides: dict | None = None, *, mapping: str = "de
         if family.norm_is_layernorm:
             warnings.append(f"{a.model_type} uses LayerNorm: its norm weights become RMSNorm weights, biases "
                             "dropped (score 0.5)")
-    warnings += _layer_warnings(lmap, getattr(a, "num_layers", 0) or 0, layer_map)
+    warnings += _layer_warnings(lmap, a.num_layers or 0, layer_map)
     if p.vocab_note:
         warnings.append(p.vocab_note)
     if p.mismatches:
@@ -174,7 +158,7 @@ def plan(catalog, analysis, overrides: dict | None = None, *, mapping: str = "de
     if p.missing_named:
         warnings.append(f"{len(p.missing_named)} mapped source tensor(s) are missing, e.g. "
                         f"{p.missing_named[0]}")
-    guessed = getattr(a, "guessed", None)
+    guessed = a.guessed
     if guessed:
         warnings.append(f"source values guessed from tensor shapes, not read from a config: "
                         f"{', '.join(sorted(guessed))}")
@@ -183,7 +167,7 @@ def plan(catalog, analysis, overrides: dict | None = None, *, mapping: str = "de
     options = {"overrides": {k: v for k, v in (overrides or {}).items() if v is not None},
                **converter.describe(), "layer_map": layer_map, "strict": strict,
                "initialize_new": initialize_new, "dtype": out_dtype, "seed": seed, "init": init_mode.name}
-    result = ConversionPlan(cfg.to_dict(), tensors, dropped, lmap, warnings, _analysis_dict(analysis), seed,
+    result = ConversionPlan(cfg.to_dict(), tensors, dropped, lmap, warnings, (dict(analysis) if isinstance(analysis, dict) else analysis.to_dict()), seed,
                             options, p.mismatches)
     share = result.summary()["transferred_parameter_share"]
     if share < 0.5:

@@ -9,6 +9,7 @@ from mmrec.config import ConfigError, MMRecConfig
 from mmrec.messages import short
 from mmrec.safetensors_format import CODE_TO_TORCH_NAME, DTYPE_SIZES, TORCH_NAME_TO_CODE
 
+from ..analysis import SourceAnalysis
 from .model import PlanError
 
 OVERRIDE_KEYS = ("vocab_size", "model_dim", "num_layers", "num_heads", "ffn_dim")
@@ -33,12 +34,12 @@ def dtype_code(name: str | None) -> str | None:
     return code
 
 
-def output_dtype(requested: str | None, analysis: Any, catalog) -> str:
+def output_dtype(requested: str | None, analysis: SourceAnalysis, catalog) -> str:
     """--dtype, else the source's dtype (the floating dtype holding most bytes when mixed)."""
     code = dtype_code(requested)
     if code is None:
         try:
-            code = dtype_code(getattr(analysis, "dtype", None))
+            code = dtype_code(analysis.dtype)
         except PlanError:
             code = None
         if code not in FLOAT_CODES:
@@ -75,32 +76,32 @@ def check_planned_size(sizes: dict, tied: Any, out_dtype: str, overrides: dict) 
                         f"byte (1 PiB) limit for a planned output{which}")
 
 
-def build_target_config(a: Any, overrides: dict | None, out_dtype: str) -> tuple[MMRecConfig, list[str]]:
+def build_target_config(a: SourceAnalysis, overrides: dict | None, out_dtype: str) -> tuple[MMRecConfig, list[str]]:
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     unknown = set(overrides) - set(OVERRIDE_KEYS)
     if unknown:
         raise PlanError(f"unknown target size option(s) {sorted(unknown)}; known: {', '.join(OVERRIDE_KEYS)}")
     warnings: list[str] = []
-    sizes = {k: overrides.get(k, getattr(a, k, None)) for k in OVERRIDE_KEYS}
+    sizes = {k: overrides.get(k, getattr(a, k)) for k in OVERRIDE_KEYS}
     for k, v in sizes.items():
         if v is None:
             raise PlanError(f"the source does not tell its {k}; give --{k} to set the target's")
     if "num_heads" not in overrides and sizes["model_dim"] % sizes["num_heads"]:
         raise PlanError(f"the source's {sizes['num_heads']} heads do not divide --model_dim "
                         f"{sizes['model_dim']}; give --num_heads")
-    check_planned_size(sizes, tied=getattr(a, "tied_embeddings", None), out_dtype=out_dtype, overrides=overrides)
-    act_src = (getattr(a, "hidden_act", None) or "gelu").lower()
+    check_planned_size(sizes, tied=a.tied_embeddings, out_dtype=out_dtype, overrides=overrides)
+    act_src = (a.hidden_act or "gelu").lower()
     act = ACTIVATIONS.get(act_src)
     if act is None:
         act = "gelu"
         warnings.append(f"source activation {act_src!r} has no MM-Rec counterpart: the target uses gelu")
-    tied = getattr(a, "tied_embeddings", None)
-    eps = getattr(a, "norm_eps", None)
+    tied = a.tied_embeddings
+    eps = a.norm_eps
     try:
         config = MMRecConfig(
             vocab_size=int(sizes["vocab_size"]), model_dim=int(sizes["model_dim"]),
             num_layers=int(sizes["num_layers"]), num_heads=int(sizes["num_heads"]),
-            ffn_dim=int(sizes["ffn_dim"]), ffn_act=act, ffn_gated=bool(getattr(a, "gated_mlp", False)),
+            ffn_dim=int(sizes["ffn_dim"]), ffn_act=act, ffn_gated=bool(a.gated_mlp),
             tie_word_embeddings=True if tied is None else bool(tied),
             norm_eps=float(eps) if eps is not None else 1e-6,
             dropout=0.0,  # inference and distillation run without it; `mmrec finetune --dropout P` trains with one

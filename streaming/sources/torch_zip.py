@@ -22,6 +22,7 @@ import collections
 import dataclasses
 import io
 import os
+import math
 import pickle
 import pickletools
 import struct
@@ -497,10 +498,8 @@ def read_torch_zip(path: Path) -> list[tuple[str, str, tuple[int, ...], Piece]]:
             start, size = offsets[key]
             if t.storage.nbytes > size:
                 raise SourceError(f"{path}: storage {key} needs {t.storage.nbytes} bytes but its entry has {size}")
-            numel = 1
-            for d in t.shape:
-                numel *= d
-            if len(t.strides) != len(t.shape) or any(d < 0 for d in t.shape) or any(s < 0 for s in t.strides):
+            numel = math.prod(t.shape)
+            if len(t.strides) != len(t.shape):  # (negative sizes and strides were refused when unpickled)
                 raise SourceError(f"{path}: tensor '{name}': strides {t.strides} do not fit shape {t.shape}")
             if any(s == 0 and d > 1 for d, s in zip(t.shape, t.strides)):  # its size would come from a number
                 raise SourceError(f"{path}: tensor '{name}' repeats its bytes (a zero stride: an expand()ed view "
