@@ -56,19 +56,26 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, max_shard_size: s
     weight_map = {}
     for file_name, group in zip(names, groups):
         metadata = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(config_dict, sort_keys=True)}
-        code = {n: safetensors_code(out_dtype or tensors[n].dtype) for n in group}
-        header, offsets = layout_header([(n, code[n], tuple(tensors[n].shape)) for n in group], metadata)
-        with open(directory / file_name, "wb") as f:
-            f.write(header)
-            for name, _ in sorted(offsets.items(), key=lambda item: item[1][0]):
-                data = tensors[name].to(out_dtype) if out_dtype is not None else tensors[name]
-                data = data.cpu().contiguous().reshape(-1)
-                if data.numel():  # numpy's buffer goes straight to the file: no bytes copy
-                    f.write(memoryview(data.view(torch.uint8).numpy()))
+        write_safetensors(directory / file_name, {n: tensors[n] for n in group}, metadata, out_dtype)
         weight_map.update({n: file_name for n in group})
     (directory / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
     if len(groups) > 1:
         write_index(directory, weight_map, sum(stored_bytes(t) for t in tensors.values()))
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                      dtype: torch.dtype | None = None) -> None:
+    """One safetensors file holding `tensors` (cast to `dtype` one at a time when given), laid out by
+    `layout_header`: the one writer of the runtime (checkpoints, distillation's per-layer files)."""
+    code = {n: safetensors_code(dtype or t.dtype) for n, t in tensors.items()}
+    header, offsets = layout_header([(n, code[n], tuple(t.shape)) for n, t in tensors.items()], metadata)
+    with open(path, "wb") as f:
+        f.write(header)
+        for name, _ in sorted(offsets.items(), key=lambda item: item[1][0]):
+            data = tensors[name].to(dtype) if dtype is not None else tensors[name]
+            data = data.cpu().contiguous().reshape(-1)
+            if data.numel():  # numpy's buffer goes straight to the file: no bytes copy
+                f.write(memoryview(data.view(torch.uint8).numpy()))
 
 
 def checkpoint_files(path: Path) -> tuple[list[Path], MMRecConfig]:

@@ -224,9 +224,7 @@ def layout_header(entries: list[tuple[str, str, tuple[int, ...]]],
     relative: dict[str, tuple[int, int]] = {}
     offset = 0
     for name, dtype, shape in ordered:
-        nbytes = DTYPE_SIZES[dtype]
-        for d in shape:
-            nbytes *= d
+        nbytes = DTYPE_SIZES[dtype] * math.prod(shape)
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         relative[name] = (offset, offset + nbytes)
         offset += nbytes

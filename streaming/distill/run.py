@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from mmrec.checkpoint import (LazyStateDict, _set_parameter, checkpoint_file_paths, map_safetensors, parse_size,
-                              save_pretrained)
+                              save_pretrained, write_safetensors)
 from mmrec.model import MMRecBlock, MMRecModel
 from mmrec.training.data import TOKENIZER_FILES, load_tokenizer, read_documents, tokenize_documents
 from mmrec.training.device import resolve_device
@@ -190,12 +190,10 @@ def check_finite(module: torch.nn.Module, what: str, dtype: torch.dtype | None =
 
 def _save_block(block: torch.nn.Module, path: Path, dtype: torch.dtype) -> None:
     """A trained block, in the student's own dtype (what the output will hold; half the disk of float32)."""
-    from safetensors.torch import save_file
-
     check_finite(block, path.stem, dtype)
-    tensors = {name: p.detach().to("cpu", dtype).contiguous() for name, p in block.named_parameters()}
+    tensors = {name: p.detach() for name, p in block.named_parameters()}
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp))
+    write_safetensors(tmp, tensors, dtype=dtype)
     os.replace(tmp, path)
 
 
