@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmrec.streaming.synthetic import PRESETS, _random_pool
+from mmrec.streaming.synthetic import PRESETS
 
 DEFAULT_SHARDS = {"tiny": 2, "small": 2, "1b": 1, "7b": 1, "13b": 2}  # Meta's 7B is MP=1, 13B MP=2
 POOL_BYTES = 512 << 20  # larger than any single slice (13b's embedding is 327 MB)
@@ -39,9 +39,17 @@ def meta_tensors(preset: str) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
+def random_block(seed: int, elements: int = 1 << 22) -> bytes:
+    """bf16 N(0, 0.02) values, the distribution of `mmrec synth`'s checkpoints."""
+    import torch
+
+    values = torch.randn(elements, generator=torch.Generator().manual_seed(seed)) * 0.02
+    return values.to(torch.bfloat16).view(torch.uint8).numpy().tobytes()
+
+
 def write_pool(path: Path, seed: int) -> None:
-    """POOL_BYTES of bf16 N(0, 0.02) values: the random pool of synthetic.py, tiled with shifts."""
-    block = _random_pool("BF16", seed)
+    """POOL_BYTES of bf16 N(0, 0.02) values: one random block, tiled with shifts."""
+    block = random_block(seed)
     rng = np.random.default_rng(seed)
     with open(path, "wb") as f:
         written = 0

@@ -27,6 +27,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
+sys.path.insert(0, str(HERE))
+from run_experiment import finetune_command  # noqa: E402  (the fine-tune call both experiments use)
+
 INITS = ("guide", "zero-mixer", "self-attend")
 WINDOW, WINDOWS = 512, 64            # short held-out windows (32,768 scored tokens)
 LONG_WINDOW, LONG_WINDOWS = 16384, 8  # long-context windows (past the first memory write at 8192)
@@ -90,7 +93,7 @@ def fresh_state_dir(work: Path) -> Path:
 
     import shutil
 
-    from mmrec.training.data import TOKENIZER_FILES
+    from mmrec.shards import TOKENIZER_FILES
 
     out = work / "fresh"
     if not (out / "config.json").exists():
@@ -232,12 +235,11 @@ def phase_finetune(args) -> None:
         checkpoint = args.work / arm
         if not (checkpoint / "config.json").exists():
             continue
-        commands[f"ft-{arm}"] = [PY, HERE / "finetune_no_typer.py", "--checkpoint", checkpoint,
-                                 "--output", args.work / f"ft-{arm}", "--data", args.work / "finetune.jsonl",
-                                 "--eval-data", args.work / "eval.jsonl", "--num-steps", steps, "--lr", "6e-4",
-                                 "--batch-size", 32 if not args.tiny else 4, "--seq-len", 64, "--warmup-steps",
-                                 max(1, steps // 20), "--dropout", "0", "--eval-every", 50,
-                                 "--eval-tokens", 65536, "--threads", 2, "--seed", 0, "--json", "--log-every", 50]
+        commands[f"ft-{arm}"] = finetune_command(dict(
+            checkpoint=checkpoint, output=args.work / f"ft-{arm}", data=[args.work / "finetune.jsonl"],
+            eval_data=[args.work / "eval.jsonl"], num_steps=steps, lr=6e-4, batch_size=32 if not args.tiny else 4,
+            seq_len=64, warmup_steps=max(1, steps // 20), dropout=0.0, eval_every=50, eval_tokens=65536,
+            threads=2, seed=0), cli=False)
     run_parallel(commands, args.work, args.deadline)
     arms = {"fresh": args.work / "fresh", "conv-zero-mixer": args.work / "conv-zero-mixer"}
     arms.update({name: args.work / name for name in commands if (args.work / name / "config.json").exists()})

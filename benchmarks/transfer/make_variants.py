@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from mmrec import MMRecModel
-from mmrec.training.data import TOKENIZER_FILES
+from mmrec.shards import TOKENIZER_FILES
 
 GROUPS = {
     "emb": r"^(embedding|lm_head)\.weight$",

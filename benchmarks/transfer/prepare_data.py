@@ -1,7 +1,8 @@
 """Build the transfer experiment's text splits and tokenizer (CPU, offline, deterministic).
 
 Text: the `.py` files of this machine's Python standard library (tests and site-packages left out) and the
-827 WikiText-2 paragraphs of ../shared/data/wikitext-2-sample.jsonl. Every file / paragraph goes to exactly
+827 WikiText-2 paragraphs of a JSONL sample (`--wikitext`, one {"text": ...} per line; the default path is
+the project workspace's, outside this repository). Every file / paragraph goes to exactly
 one split, chosen by a hash of its name (files) or its index (paragraphs):
 
     pretrain  ~75% of the Python files + 60% of the paragraphs   (the LLaMA's pretraining)
@@ -39,6 +40,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--wikitext", type=Path, default=WIKITEXT, help="WikiText-2 paragraphs, JSONL")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     lib = Path(sysconfig.get_paths()["stdlib"])
@@ -55,7 +57,7 @@ def main() -> None:
         split = "pretrain" if b < 0.75 else "finetune" if b < 0.95 else "eval"
         splits[split].append(text)
         sources[split]["python_files"] += 1
-    paragraphs = [json.loads(line)["text"] for line in WIKITEXT.read_text().splitlines() if line.strip()]
+    paragraphs = [json.loads(line)["text"] for line in args.wikitext.read_text().splitlines() if line.strip()]
     for i, text in enumerate(paragraphs):
         f = i / len(paragraphs)
         split = "pretrain" if f < 0.60 else "finetune" if f < 0.85 else "eval"
@@ -80,7 +82,7 @@ def main() -> None:
     (tok_dir / "tokenizer_config.json").write_text(json.dumps(
         {"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>", "model_max_length": 1024}, indent=2) + "\n")
     counts = {s: sum(len(e.ids) for e in tokenizer.encode_batch(docs)) for s, docs in splits.items()}
-    manifest = {"python_stdlib": str(lib), "wikitext": WIKITEXT.name, "vocab_size": tokenizer.get_vocab_size(),
+    manifest = {"python_stdlib": str(lib), "wikitext": args.wikitext.name, "vocab_size": tokenizer.get_vocab_size(),
                 "documents": {s: len(d) for s, d in splits.items()}, "sources": sources,
                 "characters": {s: sum(map(len, d)) for s, d in splits.items()}, "tokens": counts}
     (args.out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

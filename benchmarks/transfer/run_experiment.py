@@ -37,6 +37,29 @@ def run(args: list, timeout: float | None = None, **kw) -> subprocess.CompletedP
     return result
 
 
+# `mmrec finetune` is a thin CLI over mmrec.training.finetune.finetune(FinetuneOptions(...)). Where the CLI's
+# dependencies are missing (typer needs pydantic, a compiled package), call that function directly: the
+# options as JSON in argv[1], the summary as JSON on stdout, the evaluations on stderr.
+FINETUNE_CALL = ("import json, sys; from mmrec.training.finetune import FinetuneOptions, finetune; "
+                 "print(json.dumps(finetune(FinetuneOptions(**json.loads(sys.argv[1])), progress=lambda r: "
+                 "'eval_loss' in r and print(json.dumps(r), file=sys.stderr, flush=True)), indent=2))")
+
+
+def finetune_command(options: dict, cli: bool) -> list:
+    """The command that runs one fine-tune: `mmrec finetune --flag value ...` (cli) or FINETUNE_CALL."""
+    if not cli:
+        return [PY, "-c", FINETUNE_CALL, json.dumps(options, default=str)]
+    flags = []
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            flags += [flag] if value else []
+        else:
+            for item in value if isinstance(value, list) else [value]:
+                flags += [flag, item]
+    return [PY, "-m", "mmrec", "finetune", *flags, "--json"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", type=Path, required=True)
@@ -51,8 +74,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--eval-tokens", type=int, default=65536)
-    parser.add_argument("--cli", action="store_true", help="use the mmrec CLI (needs typer); default: the "
-                        "same calls through the Python API, for machines without typer")
+    parser.add_argument("--cli", action="store_true", help="run the mmrec CLI (needs typer); default: the "
+                        "functions it calls, for machines without typer")
     parser.add_argument("--arms", default="a,b,c,emb-only,ffn-only,no-att,init-only")
     args = parser.parse_args()
     began = time.monotonic()
@@ -87,17 +110,15 @@ def main() -> None:
 
     checkpoints = {"a": work / "conv-default", "b": work / "conv-default", "c": work / "conv-extended",
                    **{v: work / "variants" / v for v in variants}}
-    common = ["--data", work / "finetune.jsonl", "--eval-data", work / "eval.jsonl", "--num-steps", args.steps,
-              "--lr", args.lr, "--batch-size", args.batch_size, "--seq-len", args.seq_len, "--warmup-steps",
-              max(1, args.steps // 20), "--dropout", "0", "--eval-every", args.eval_every, "--eval-tokens",
-              args.eval_tokens, "--threads", 2, "--json", "--log-every", 50]
+    common = dict(data=[work / "finetune.jsonl"], eval_data=[work / "eval.jsonl"], num_steps=args.steps,
+                  lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
+                  warmup_steps=max(1, args.steps // 20), dropout=0.0, eval_every=args.eval_every,
+                  eval_tokens=args.eval_tokens, threads=2)
     processes = {}
     for name, seed in arms:
         arm = name if seed == 0 else f"{name}-s{seed}"
-        out = work / f"ft-{arm}"
-        cli = ["--checkpoint", checkpoints[name], "--output", out, *common, "--seed", seed,
-               *(["--fresh"] if name == "b" else [])]
-        cmd = [PY, "-m", "mmrec", "finetune", *cli] if args.cli else [PY, HERE / "finetune_no_typer.py", *cli]
+        options = dict(common, checkpoint=checkpoints[name], output=work / f"ft-{arm}", seed=seed, fresh=name == "b")
+        cmd = finetune_command(options, args.cli)
         log("$ " + " ".join(map(str, cmd)))
         processes[arm] = subprocess.Popen(list(map(str, cmd)), stdout=open(work / f"ft-{arm}.json", "w"),
                                           stderr=open(work / f"ft-{arm}.log", "w"))
