@@ -52,9 +52,20 @@ def group_into_shards(sizes: list[tuple[str, int]], max_shard_bytes: int) -> lis
     return shards
 
 
+# The tokenizer and generation files that sit beside a checkpoint's weights: a conversion copies them,
+# fine-tuning and distillation carry them to their outputs.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "vocab.json", "merges.txt", "added_tokens.json",
+                   "chat_template.json", "chat_template.jinja", "tokenizer.tiktoken")
+
+
+def index_json(weight_map: dict[str, str], total_size: int) -> str:
+    """The text of a sharded checkpoint's index (transformers' layout: tensor name -> shard file name)."""
+    return json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map}, indent=2) + "\n"
+
+
 def write_index(directory: Path, weight_map: dict[str, str], total_size: int) -> None:
-    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
-    (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    (directory / INDEX_NAME).write_text(index_json(weight_map, total_size))
 
 
 def checkpoint_file_paths(directory: Path) -> list[Path]:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from mmrec.schema import INIT_FORMAT
-from mmrec.shards import INDEX_NAME, parse_size
+from mmrec.shards import INDEX_NAME, index_json, parse_size
 
 from .analysis import analyze
 from .checksums import ALGORITHM as CHECKSUM_ALGORITHM
@@ -175,8 +175,7 @@ def _small_files(plan, layout, state, report) -> dict[str, str]:
     files = {}
     if not layout.single_file:
         if len(layout.shards) > 1:
-            index = {"metadata": {"total_size": layout.total_tensor_bytes}, "weight_map": layout.weight_map()}
-            files[INDEX_NAME] = json.dumps(index, indent=2) + "\n"
+            files[INDEX_NAME] = index_json(layout.weight_map(), layout.total_tensor_bytes)
         files["config.json"] = json.dumps(plan.target_config, indent=2, sort_keys=True) + "\n"
     files[state.report_name] = json.dumps(report, indent=2) + "\n"  # last: its presence means complete
     return files

@@ -11,9 +11,6 @@ import torch
 
 from .errors import DataError
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json", "vocab.json", "merges.txt", "added_tokens.json",
-                   "chat_template.json", "chat_template.jinja", "tokenizer.tiktoken")
 DATA_SUFFIXES = (".txt", ".jsonl")
 EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eos|>")
 

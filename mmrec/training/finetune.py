@@ -39,9 +39,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import CheckpointError, checkpoint_file_paths, checkpoint_files, parse_size, torch_dtype
+from ..shards import TOKENIZER_FILES
 from ..config import MMRecConfig
 from ..model import MMRecModel
-from .data import (TOKENIZER_FILES, LaneBatches, checkpoint_dir, load_tokenizer, read_documents,
+from .data import (LaneBatches, checkpoint_dir, load_tokenizer, read_documents,
                    tokenize_documents)
 from .device import DeferredInterrupt, autocast, detach_state, resolve_device, set_rng_state, state_from_dict
 from .errors import DataError, FinetuneRefused, TrainingError
@@ -397,7 +398,8 @@ def _finetune(options: FinetuneOptions, progress) -> dict[str, Any]:
             run_tokens += inputs.numel()
             train_time += time.perf_counter() - began
             record = {"step": step, "loss": round(loss_value, 6) if math.isfinite(loss_value) else None,
-                      "lr": lr, "tokens": tokens, "grad_norm": round(grad_norm, 5) if math.isfinite(grad_norm) else None,
+                      "lr": lr, "tokens": tokens,
+                      "grad_norm": round(grad_norm, 5) if math.isfinite(grad_norm) else None,
                       "tokens_per_s": round(run_tokens / train_time, 1),
                       "max_abs_h": max_abs_h if math.isfinite(max_abs_h) else None}
             if skipped:

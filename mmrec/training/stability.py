@@ -55,7 +55,8 @@ class DecayGuard:
 
 @torch.no_grad()
 def max_decay_factor(block: nn.Module, x: torch.Tensor) -> float:
-    """The largest bound 1.1·γ + 0.1 of the h-factor the block shows on input x [B, T, D] (a diagnostic; the tests use it)."""
+    """The largest bound 1.1·γ + 0.1 of the h-factor the block shows on input x [B, T, D] (a diagnostic;
+    the tests use it)."""
     xn = block.norm1(x)
     gamma = block.mdi.decay(block.W_z(xn), block.W_k(xn))
     return float(gamma.max()) * 1.1 + 0.1

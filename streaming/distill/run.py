@@ -28,7 +28,8 @@ import torch
 from mmrec.checkpoint import (LazyStateDict, _set_parameter, checkpoint_file_paths, map_safetensors, parse_size,
                               save_pretrained, write_safetensors)
 from mmrec.model import MMRecBlock, MMRecModel
-from mmrec.training.data import TOKENIZER_FILES, load_tokenizer, read_documents, tokenize_documents
+from mmrec.shards import TOKENIZER_FILES
+from mmrec.training.data import load_tokenizer, read_documents, tokenize_documents
 from mmrec.training.device import resolve_device
 from mmrec.training.errors import DataError, TrainingError
 from mmrec.training.outputs import write_json
@@ -343,8 +344,8 @@ def distill(options: DistillOptions, progress: Callable[[dict], None] | None = N
     with teacher.embedding_loaded():
         for a in range(0, N, batch):
             x[a:a + batch] = teacher.embed(sequences[a:a + batch]).float().cpu()
-    job = dict(student=str(options.student.resolve()), n_train=train_ids.shape[0], settings=settings, device=str(device),
-               batch=batch)
+    job = dict(student=str(options.student.resolve()), n_train=train_ids.shape[0], settings=settings,
+               device=str(device), batch=batch)
     if options.scheduler.kind == "threads":
         layer_reports, x = _layers_in_order(teacher, space, x, journal, work, job, options, report_event)
     else:

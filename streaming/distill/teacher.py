@@ -61,7 +61,8 @@ class StreamedTeacher:
         try:
             import transformers
         except ImportError:
-            raise TeacherError("mmrec distill runs the teacher with transformers: pip install 'mmrec[distill]'") from None
+            raise TeacherError("mmrec distill runs the teacher with transformers: "
+                               "pip install 'mmrec[distill]'") from None
         if not catalog.config or "model_type" not in catalog.config:
             raise TeacherError(f"{catalog.root}: a teacher needs the transformers config.json beside its weights")
         self.catalog, self.device, self.dtype = catalog, device, dtype
