@@ -96,7 +96,8 @@ def distill(
             batch_size=batch_size, lr=lr, e2e_lr=e2e_lr, top_k=top_k, seed=seed, device=device,
             memory_budget=memory_budget, resume=resume,
             scheduler=SchedulerChoice(workers=workers, address=scheduler,
-                                      scheduler_file=str(scheduler_file) if scheduler_file else None), overwrite=overwrite, stop_after_layer=stop_after_layer)
+                                      scheduler_file=str(scheduler_file) if scheduler_file else None),
+            overwrite=overwrite, stop_after_layer=stop_after_layer)
         try:
             options.validate()
         except ValueError as exc:

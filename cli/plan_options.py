@@ -2,8 +2,8 @@
 option whose value is malformed is refused up front with exit 2, before any file is read; one that only the
 source shows wrong (`--num_heads 7` against a source of dim 64) is refused with exit 2 too, naming it.
 
-Help shows each option once: the dashed spelling (`--vocab-size`) with a readable placeholder. The guide's
-underscore spellings (`--vocab_size`) are accepted as hidden aliases, so the help column is never cut.
+Help shows each option once: the dashed spelling (`--vocab-size`) with a readable placeholder. The original
+CLI's underscore spellings (`--vocab_size`) are accepted as hidden aliases, so the help column is never cut.
 """
 
 from __future__ import annotations
@@ -30,12 +30,12 @@ MAX_SIZE_OPTION = 2**32
 
 
 def size_option(name: str, help: str):
-    """A target size: `--model-dim N` in the help, which names the guide's `--model_dim` spelling too."""
+    """A target size: `--model-dim N` in the help, which names the original `--model_dim` spelling too."""
     return typer.Option(None, "--" + name.replace("_", "-"), metavar="N", help=f"{help} (or --{name})")
 
 
 def hidden_alias(name: str, flag: bool = False):
-    """The guide's underscore spelling of an option: accepted, not listed in the help."""
+    """The original CLI's underscore spelling of an option: accepted, not listed in the help."""
     return typer.Option(False if flag else None, f"--{name}", hidden=True)
 
 

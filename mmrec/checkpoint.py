@@ -1,4 +1,4 @@
-"""Sharded safetensors checkpoints (MMREC_SPEC.md "What a checkpoint is"): save, and load lazily.
+"""Sharded safetensors checkpoints (docs/checkpoint-format.md): save, and load lazily.
 
 Loading builds the model on the meta device and fills it tensor by tensor: on CPU each parameter is a view
 of a private (copy-on-write) memory map, so nothing is copied; on a GPU the files stream through two small

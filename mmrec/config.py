@@ -1,4 +1,4 @@
-"""MMRecConfig: the fields of MMREC_SPEC.md "Configuration", their defaults and their checks."""
+"""MMRecConfig: the fields of docs/mmrec-v1.md "Config", their defaults and their checks."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""MM-Rec v1 (MMREC_SPEC.md): the model, its recurrent state, and generation.
+"""MM-Rec v1 (docs/mmrec-v1.md): the model, its recurrent state, and generation.
 
 Everything that does not depend on h_{t-1} runs batched over the whole sequence; the only sequential part
 is one fused [B, D] x [D, 2D] product per step plus elementwise work, with no host synchronisation.
@@ -180,7 +180,8 @@ class MMRecBlock(nn.Module):
 
 class MMRecModel(nn.Module):
     def __init__(self, config: MMRecConfig | None = None, **fields):
-        """MMRecModel(config), or the guide's MMRecModel(vocab_size=..., model_dim=..., ...)."""
+        """MMRecModel(config), or MMRecModel(vocab_size=..., model_dim=..., ...): the config's fields as
+        keywords."""
         super().__init__()
         if config is None:
             config = MMRecConfig(**fields)

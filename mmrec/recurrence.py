@@ -1,4 +1,4 @@
-"""The sequential core of MM-Rec (MMREC_SPEC.md forward step 3), the only part that runs step by step.
+"""The sequential core of MM-Rec (docs/mmrec-v1.md "Forward pass", step 3), the only part that runs step by step.
 
 Each step is one fused [B, D] x [D, 2D] product (one addmm giving both gates' h-terms) and a few
 elementwise kernels. Those kernels are so small that launching them costs more than running them, so on a

@@ -1,4 +1,4 @@
-"""The parameter schema of MM-Rec v1 (MMREC_SPEC.md "Parameters"): names, shapes and init rules.
+"""The parameter schema of MM-Rec v1 (docs/mmrec-v1.md "Parameters"): names, shapes and init rules.
 
 This is the single source of truth shared by the runtime (which builds modules with these names) and the
 conversion engine (which plans one output tensor per entry). Nothing here allocates memory.
@@ -30,7 +30,8 @@ INIT_FORMAT = 2
 
 
 def init_rule(name: str, ndim: int) -> str:
-    """Conversion-init rule of MMREC_SPEC.md "Initialization" for one parameter name."""
+    """Conversion-init rule (docs/mmrec-v1.md "Initialization"; `--init guide` in docs/init-modes.md) for one
+    parameter name."""
     if name.endswith(".bias"):
         return "zeros"
     leaf = name.rsplit(".", 2)[-2] if name.count(".") else name

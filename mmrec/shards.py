@@ -1,5 +1,6 @@
-"""Checkpoint files without torch: names, sizes, sharding and the index (MMREC_SPEC.md "What a checkpoint
-is"). Header-only tools (inspect, plan, verify, the engine's layout) use these without importing torch."""
+"""Checkpoint files without torch: names, sizes, sharding and the index (docs/checkpoint-format.md "Files
+of a checkpoint directory"). Header-only tools (inspect, plan, verify, the engine's layout) use these
+without importing torch."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """The conversion engine: sources -> analysis -> plan -> dask graph -> sharded safetensors -> report.
 
 Heavy pieces (torch, dask) are imported by the functions that need them, so header-only commands stay
-fast. The guide's Python API is re-exported here.
+fast. The Python conversion API (convert_model_weights, ModelWeightConverter, target_config) is
+re-exported here.
 """
 
 

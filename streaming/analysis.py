@@ -1,4 +1,4 @@
-"""Step 1 of the guide: what a source checkpoint is, from headers and config files only.
+"""Analysis (docs/conversion.md): what a source checkpoint is, from headers and config files only.
 
 Each family's module in `streaming/families/` declares a `SizeSpec`: the names of its embedding, head and
 MLP tensors, the config keys that hold each size, and its defaults. Values come from the config when it has
@@ -214,6 +214,7 @@ def _tied(catalog: SourceCatalog, family: SizeSpec, config: dict) -> bool:
     value = config.get("tie_word_embeddings") if family.reads_tie_flag else None
     if value is None:
         return False
+    # transformers ties a stored head when asked to
     return _checked_field(catalog, "tied_embeddings", "tie_word_embeddings", value)
 
 
@@ -249,4 +250,4 @@ def _checked_field(catalog: SourceCatalog, field: str, key: str, value):
         problem = f"a non-empty string, got {_describe(value)}"
     else:
         return value
-    raise SourceError(f"{_config_file(catalog)}: field '{key}' must be {problem}")  # transformers ties a stored head when asked to
+    raise SourceError(f"{_config_file(catalog)}: field '{key}' must be {problem}")

@@ -35,7 +35,7 @@ DEFAULT_MEMORY_BUDGET = "512MB"
 class ConvertOptions:
     source: Path
     output: Path
-    overrides: dict = dataclasses.field(default_factory=dict)  # vocab_size, model_dim, ... (guide flags)
+    overrides: dict = dataclasses.field(default_factory=dict)  # vocab_size, model_dim, ... (the target size options)
     mapping: str = "default"
     mapping_file: Path | None = None
     layer_map: str = "first"
@@ -50,7 +50,8 @@ class ConvertOptions:
     resume: bool = False
     overwrite: bool = False
     quiet: bool = False
-    converter: object | None = None  # a ModelWeightConverter subclass instance (the guide's hook)
+    # a ModelWeightConverter subclass instance (the Python API's extension hook, docs/conversion.md)
+    converter: object | None = None
 
 
 def make_plan(options: ConvertOptions):

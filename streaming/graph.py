@@ -2,8 +2,8 @@
 
 Graph shape, per output shard (its header already written by the caller, `tasks.prepare_shard`):
 write (one task per row range of each tensor; each hashes the bytes it writes) ──► checksum (one per
-tensor: combines its tasks' piece digests) ──► seal (fsync). Big tensors are split into several row ranges, so parallelism
-is not capped by the number of shards; every task passes only metadata.
+tensor: combines its tasks' piece digests) ──► seal (fsync). Big tensors are split into several row ranges,
+so parallelism is not capped by the number of shards; every task passes only metadata.
 """
 
 from __future__ import annotations
@@ -126,8 +126,8 @@ class Executor:
 
         try:
             if self.choice.workers:
-                # memory_limit=0: the nanny counts memory-mapped file pages as worker memory and would
-                # kill healthy workers (ENGINEERING.md); ":0" keeps the dashboard off a fixed port.
+                # memory_limit=0: the nanny counts memory-mapped file pages (page cache in the worker's RSS)
+                # as worker memory and would kill healthy workers; ":0" keeps the dashboard off a fixed port.
                 self._cluster = LocalCluster(n_workers=self.choice.workers, threads_per_worker=1,
                                              processes=True, memory_limit=0, dashboard_address=":0")
                 self.client = Client(self._cluster)

@@ -1,4 +1,4 @@
-"""The founding guide's Python interface, kept working, and made to build the right model:
+"""The original Python conversion interface (convert_model_weights), kept working, and made to build the right model:
 
     config = target_config(source_checkpoint_path, vocab_size=..., model_dim=..., num_layers=...,
                            num_heads=..., ffn_dim=...)   # the source's architecture at these sizes
@@ -9,7 +9,7 @@
 
 The plan takes only the five sizes from the target; everything else (a gated SiLU FFN and an untied head
 for a LLaMA, the source's activation and norm eps, inner_dim = D/4...) follows the source. A target model
-built otherwise (the guide's `MMRecModel(vocab_size=..., ...)` is GELU, ungated, tied) cannot hold the
+built otherwise (`MMRecModel(vocab_size=..., ...)` with the config defaults is GELU, ungated, tied) cannot hold the
 conversion: convert_model_weights raises TargetModelError naming each field that differs, before writing
 anything. `target_model=None` converts at the source's own sizes; `converted_weights.config` is then the
 MMRecConfig to build the model with.
@@ -99,7 +99,7 @@ def convert_model_weights(source_checkpoint_path, target_model=None, output_path
         output = Path(workdir.name) / "converted"
     else:
         workdir, output = None, Path(output_path)
-        if output.suffix == ".pt":  # the guide's example names a .pt file; we write safetensors
+        if output.suffix == ".pt":  # a .pt output name (the original API's example): we write safetensors
             output = output.with_suffix(".safetensors")
     report = convert(ConvertOptions(source=Path(source_checkpoint_path), output=output, overrides=overrides,
                                     quiet=True, **plan_args))

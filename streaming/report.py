@@ -1,4 +1,4 @@
-"""Step 4 of the guide: the conversion report (conversion_report.json) and its terminal summary."""
+"""The conversion report (docs/checkpoint-format.md "conversion_report.json") and its terminal summary."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from .terminal import escape
 
 def build_report(plan: ConversionPlan, checksums: dict[str, str] | None = None,
                  timings: dict | None = None) -> dict[str, Any]:
-    """CONVERSION.md "Report": the guide's fields plus shares, dropped tensors, layer map, per-tensor recipes,
-    checksums, timings and warnings. Works on a plan alone (checksums/timings then empty)."""
+    """The report's fields (docs/checkpoint-format.md): key counts, scores, shares, dropped tensors, layer
+    map, per-tensor recipes, checksums, timings and warnings. Works on a plan alone (checksums/timings then empty)."""
     checksums = checksums or {}
     summary = plan.summary()
     specs = plan.target_specs()

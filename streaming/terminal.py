@@ -1,4 +1,4 @@
-"""The one escaping function for text that reaches the terminal (issue 13, class 4).
+"""The one escaping function for text that reaches the terminal (RELIABILITY.md, hostile-input class 4).
 
 Names and strings taken from a file (tensor names, config values, paths) can hold escape sequences, NUL,
 newlines or bidi overrides that would retitle or clear the user's terminal, or fake an error line. Every

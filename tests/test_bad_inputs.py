@@ -427,7 +427,8 @@ def test_zero_size_tensors_unicode_names_and_header_padding(family_checkpoints, 
     # A zero-size tensor, a 0-d one and unicode names; then re-pad the header with spaces (as the
     # safetensors library does for alignment) and a leading newline.
     tensors.update({"model.empty.weight": torch.zeros(0, 64), "model.also_empty": torch.zeros(0),
-                    "model.ölçek.weight": torch.ones(3), "model.слой.重み": torch.ones(2, 2), "model.scalar": torch.tensor(2.0)})
+                    "model.ölçek.weight": torch.ones(3), "model.слой.重み": torch.ones(2, 2),
+                    "model.scalar": torch.tensor(2.0)})
     save_file(tensors, first)
     data = first.read_bytes()
     (n,) = struct.unpack("<Q", data[:8])

@@ -1,4 +1,4 @@
-"""save_pretrained / from_pretrained against MMREC_SPEC.md "What a checkpoint is"."""
+"""save_pretrained / from_pretrained against docs/checkpoint-format.md."""
 
 import json
 import os

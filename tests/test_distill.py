@@ -378,7 +378,8 @@ def bad_input_runs(pairs, corpus, tmp_path_factory) -> dict[str, tuple[subproces
     return {name: (results[name], out, expect) for name, (_, out, expect) in cases.items()}
 
 
-BAD_INPUT_EXITS = {"narrower": 1, "shallower": 1, "tokenizer": 1, "empty_jsonl": 1, "empty_txt": 1, "lr_nan": 2, "lr_inf": 2, "e2e_lr_nan": 2, "stages": 2, "existing": 3}
+BAD_INPUT_EXITS = {"narrower": 1, "shallower": 1, "tokenizer": 1, "empty_jsonl": 1, "empty_txt": 1, "lr_nan": 2,
+                   "lr_inf": 2, "e2e_lr_nan": 2, "stages": 2, "existing": 3}
 
 
 @pytest.mark.parametrize("name", list(BAD_INPUT_EXITS))

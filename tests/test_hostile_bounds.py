@@ -1,7 +1,7 @@
-"""Issue 13, class 1: time and memory are bounded by the input's real size, before anything is allocated or
-awaited. Each case runs the real CLI in a subprocess under a timeout (a regression fails instead of hanging)
-and, where the payload would grow memory, under RLIMIT_AS (a regression dies instead of eating the machine).
-Durations are never asserted; the timeout is only the guard."""
+"""Hostile inputs, class 1 (RELIABILITY.md): time and memory are bounded by the input's real size, before
+anything is allocated or awaited. Each case runs the real CLI in a subprocess under a timeout (a regression
+fails instead of hanging) and, where the payload would grow memory, under RLIMIT_AS (a regression dies
+instead of eating the machine). Durations are never asserted; the timeout is only the guard."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""Hostile values through the real CLI (issue 13): impossible option values are refused (exit 2, one line
-naming the option, nothing written), non-finite weights are never saved, names from a file are escaped
-before they reach the terminal."""
+"""Hostile values through the real CLI (RELIABILITY.md, hostile-input classes 2-4): impossible option values
+are refused (exit 2, one line naming the option, nothing written), non-finite weights are never saved, names
+from a file are escaped before they reach the terminal, wrongly typed files give one line naming them."""
 
 from __future__ import annotations
 

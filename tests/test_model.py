@@ -1,4 +1,4 @@
-"""The model against MMREC_SPEC.md: names, shapes, counts, equations, state carrying and training."""
+"""The model against docs/mmrec-v1.md: names, shapes, counts, equations, state carrying and training."""
 
 import math
 

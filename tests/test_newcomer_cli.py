@@ -1,4 +1,4 @@
-"""Issue 15's rough edges of `shard-convert`, `plan`, `verify` and `inspect`, through the real CLI on real files:
+"""Newcomers' rough edges of `shard-convert`, `plan`, `verify` and `inspect`, through the real CLI on real files:
 what a dry run says about an output the real run would refuse, the hint for each kind of existing output,
 the lock's message for a concurrent run, an MM-Rec checkpoint given as a source, bad option values (exit 2),
 `-q`, sizes without a unit, the help text, a junk .safetensors, `verify` on a source checkpoint, and the two

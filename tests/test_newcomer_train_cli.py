@@ -1,4 +1,4 @@
-"""Issue 15, newcomer rough edges of `mmrec synth`, `finetune`, `demo`, `distill` and the app: the real CLI
+"""Newcomers' rough edges of `mmrec synth`, `finetune`, `demo`, `distill` and the app: the real CLI
 (typer's CliRunner in-process, a subprocess where a terminal matters) on real files."""
 
 from __future__ import annotations

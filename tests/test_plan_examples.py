@@ -1,5 +1,5 @@
-"""The guide's two examples, planned from header-only sources: sparse safetensors files whose tensor data is
-never written (f.truncate), so a 13 GB LLaMA-7B costs a few KB of disk."""
+"""Two worked examples (LLaMA-7B and GPT-2 to MM-Rec), planned from header-only sources: sparse safetensors
+files whose tensor data is never written (f.truncate), so a 13 GB LLaMA-7B costs a few KB of disk."""
 
 from __future__ import annotations
 

@@ -81,7 +81,7 @@ GLOBALS = {"llama": ("model.embed_tokens.weight", "lm_head.weight", "model.norm.
            "gpt_neox": ("gpt_neox.embed_in.weight", "embed_out.weight", "gpt_neox.final_layer_norm.weight"),
            "gptj": ("transformer.wte.weight", "lm_head.weight", "transformer.ln_f.weight")}
 
-# CONVERSION.md "Mapping", restated: target suffix -> role (extended adds the block's own projections).
+# docs/conversion.md "The mapping tables", restated: target suffix -> role (extended adds the block's own projections).
 DEFAULT = {"norm1.weight": "attn_norm", "norm2.weight": "mlp_norm",
            "multi_mem_attention.W_q.weight": "q", "multi_mem_attention.W_q.bias": "q_bias",
            "multi_mem_attention.W_o.weight": "o", "multi_mem_attention.W_o.bias": "o_bias",

@@ -100,7 +100,8 @@ def test_plan_is_json_round_trip_and_deterministic(llama):
     again = ConversionPlan.from_json(plan.to_json())
     assert again.to_dict() == plan.to_dict()
     assert build_plan(*llama, mapping="extended", seed=5).to_json() == plan.to_json()
-    assert [tp.name for tp in plan.tensors] == [s.name for s in parameter_specs(MMRecConfig.from_dict(plan.target_config))]
+    specs = parameter_specs(MMRecConfig.from_dict(plan.target_config))
+    assert [tp.name for tp in plan.tensors] == [s.name for s in specs]
     assert plan.options["seed"] == 5 and plan.options["mapping"] == "extended"
 
 

@@ -1,6 +1,6 @@
 """Two quick Ctrl-Cs (SIGINT 50-200 ms apart) end `mmrec shard-convert` with the one line and exit 130 --
 never a threading traceback, `terminate called without an active exception` or a hang -- and `--resume`
-then finishes the conversion (issue 13)."""
+then finishes the conversion (RELIABILITY.md, hostile-input class 5)."""
 
 from __future__ import annotations
 

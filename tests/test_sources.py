@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import fixtures
 from mmrec.streaming.sources import SourceCatalog, normalize_name, open_source

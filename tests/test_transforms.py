@@ -106,7 +106,8 @@ def test_repeat_kv_heads_matches_hf_repeat_kv(tensors, catalog):
     k = tensors["k"]
     expect = k.view(2, 1, 6, 10).expand(2, 3, 6, 10).reshape(36, 10)  # HF repeat_kv on the weight rows
     assert torch.equal(chunked(tp("k", ops, (36, 10)), catalog, 7), expect)
-    assert torch.equal(chunked(tp("k_b", ops, (36,)), catalog, 5), tensors["k_b"].view(2, 1, 6).expand(2, 3, 6).reshape(36))
+    expect_b = tensors["k_b"].view(2, 1, 6).expand(2, 3, 6).reshape(36)
+    assert torch.equal(chunked(tp("k_b", ops, (36,)), catalog, 5), expect_b)
 
 
 def test_rotary_meta_to_hf_inverts_metas_permute(tensors, catalog):

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from mmrec.cli.app import app
 from mmrec.safetensors_format import read_header
 from mmrec.streaming import graph, tasks
-from mmrec.streaming.checksums import PieceHasher, file_checksum, piece_rows
+from mmrec.streaming.checksums import file_checksum, piece_rows
 from mmrec.streaming.plan.model import TensorPlan
 from mmrec.streaming.synthetic import write_synthetic_llama
 

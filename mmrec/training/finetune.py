@@ -1,4 +1,4 @@
-"""Fine-tuning the MM-Rec runtime on text (CONVERSION.md "Fine-tuning").
+"""Fine-tuning the MM-Rec runtime on text (`mmrec finetune`; README.md "Commands", benchmarks/transfer/README.md).
 
 Data: `.txt` files (each one document), `.jsonl` files (one JSON object per line, its `text` field one
 document), or directories holding them. Documents are shuffled once (by the seed), tokenized with the

@@ -1,5 +1,6 @@
-"""What a source family is, in one place per family: how analysis reads its sizes (`SizeSpec`, step 1)
-and which source tensor fills each role (embed, q, up, ...) with which transforms (`roles`, step 2).
+"""What a source family is, in one place per family: how analysis reads its sizes (`SizeSpec`, analysis)
+and which source tensor fills each role (embed, q, up, ...) with which transforms (`roles`, mapping;
+docs/conversion.md).
 
 A family module declares one `Family` subclass and decorates it with `@register`; the package imports
 every module in this folder, so adding a family touches one place: a new module.

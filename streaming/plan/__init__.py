@@ -1,4 +1,4 @@
-"""The conversion plan (step 2 and 3 of the guide): what every output tensor is made from."""
+"""The conversion plan (docs/conversion.md): what every output tensor is made from."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ def build_plan(catalog, analysis, overrides: dict | None = None, *, mapping: str
                mapping_file: Path | None = None, layer_map: str | list = "first", strict: bool = False,
                initialize_new: bool = True, dtype: str | None = None, seed: int = 0,
                converter: ModelWeightConverter | None = None, init: str | None = None) -> ConversionPlan:
-    """Plan a conversion from headers only. overrides: the guide's vocab_size, model_dim, num_layers,
+    """Plan a conversion from headers only. overrides: the target sizes vocab_size, model_dim, num_layers,
     num_heads, ffn_dim (absent -> follow the source). `init` names the rule for the tensors the source
     cannot fill (plan/init_modes.py; None = the default mode). Raises PlanError naming the option or tensor."""
     from .init_modes import DEFAULT_INIT_MODE

@@ -4,8 +4,8 @@ The mapping decides which target tensors come from the source; an init mode then
 leaves new start as (a tensor the mapping fills is never touched, except the memory attention's output
 projection below), deterministically, as plain plan data (docs/init-modes.md has the rules and measurements):
 
-- `guide`       the founding guide's rule: Xavier-uniform weights, zero biases, unit norms.
-- `zero-mixer`  the guide, but the new mixer's paths into the residual stream start at zero (W_z, W_v and
+- `guide`       the base rule (docs/init-modes.md): Xavier-uniform weights, zero biases, unit norms.
+- `zero-mixer`  `guide`, but the new mixer's paths into the residual stream start at zero (W_z, W_v and
                 the memory attention's W_o; weights and biases): each block is the source's MLP on the
                 residual stream, and the mixer adds nothing until trained. W_o is zeroed even where the
                 mapping copies o_proj into it: past the first memory write (8192 tokens) a copied o_proj

@@ -36,7 +36,7 @@ def layer_index(item, where: str = "--layer-map") -> int | None:
 
 
 def build_layer_map(spec: str | list, source_layers: int, target_layers: int) -> list[int | None]:
-    """'first' (the guide's: target i <- source i), 'uniform' (evenly spaced when the target has fewer
+    """'first' (the default: target i <- source i), 'uniform' (evenly spaced when the target has fewer
     layers) or an explicit list 'a,b,c' / JSON list with one entry per target layer ('new' = none)."""
     s, t = int(source_layers or 0), int(target_layers)
     if isinstance(spec, str) and spec == "first":

@@ -1,8 +1,9 @@
-"""Mapping tables (target pattern -> source role), user mapping files, and the guide's ModelWeightConverter.
+"""Mapping tables (target pattern -> source role), user mapping files, and ModelWeightConverter (the subclassable
+converter of the Python API).
 
 A table maps a target pattern ('{i}' = target layer) to a family role ("q", "up", ...) or to an explicit
 source pattern ('{i}' = the source layer the layer map assigns). The converter resolves a pattern to a
-catalog name through `_keys_match`, which a subclass may override (the guide's extension point).
+catalog name through `_keys_match`, which a subclass may override (the extension point, docs/conversion.md).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def _entries(pairs: Iterable[tuple[str, str]], repeat: Iterable[str] = ()) -> di
 _B = "blocks.{i}."
 _KV_ROLES = ("k", "v", "k_bias", "v_bias")
 
-# CONVERSION.md "Mapping": the guide's table, per role.
+# The default table (docs/conversion.md "The mapping tables"), per role.
 DEFAULT_TABLE = _entries([
     ("embedding.weight", "embed"),
     *[(_B + t, r) for t, r in [
@@ -55,7 +56,7 @@ DEFAULT_TABLE = _entries([
     ("lm_head.weight", "lm_head"),
 ])
 
-# Opt-in: the block's own projections too, W_z from v_proj (the guide's "similar weight").
+# Opt-in: the block's own projections too, W_z from v_proj (the nearest "similar weight", docs/conversion.md).
 EXTENDED_TABLE = {**DEFAULT_TABLE, **_entries(
     [(_B + t, r) for t, r in [
         ("W_q.weight", "q"), ("W_q.bias", "q_bias"), ("W_k.weight", "k"), ("W_k.bias", "k_bias"),
@@ -209,7 +210,7 @@ def target_pattern(target_key: str) -> str:
 
 
 class ModelWeightConverter:
-    """The guide's converter: a mapping table plus the key matching rule.
+    """The converter of the Python API: a mapping table plus the key matching rule.
 
     Subclass and override `_keys_match(source_pattern, source_key, target_key)` to accept other source
     names; `self.source_layer(target_key)` gives the source layer the layer map assigns.
@@ -246,7 +247,7 @@ class ModelWeightConverter:
         layer = self.source_layer(target_key)
         return source_pattern.replace("{i}", str(layer)) if layer is not None else source_pattern
 
-    # -- the guide's extension point -----------------------------------------------------------------
+    # -- the extension point (override in a subclass) -----------------------------------------------------------------
     def _keys_match(self, source_pattern: str, source_key: str, target_key: str) -> bool:
         return source_key == self.expand(source_pattern, target_key)
 

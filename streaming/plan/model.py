@@ -11,7 +11,7 @@ import math
 import json
 from typing import Any
 
-# Scores of CONVERSION.md "Mapping": copied as is, exact transform, partial/lossy, not transferred.
+# Scores (docs/conversion.md "Scores"): copied as is, exact transform, partial/lossy, not transferred.
 SCORE_COPY, SCORE_EXACT, SCORE_PARTIAL, SCORE_NEW = 1.0, 0.8, 0.5, 0.0
 SCORES = (SCORE_COPY, SCORE_EXACT, SCORE_PARTIAL, SCORE_NEW)
 

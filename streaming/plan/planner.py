@@ -167,8 +167,8 @@ def plan(catalog, analysis, overrides: dict | None = None, *, mapping: str = "de
     options = {"overrides": {k: v for k, v in (overrides or {}).items() if v is not None},
                **converter.describe(), "layer_map": layer_map, "strict": strict,
                "initialize_new": initialize_new, "dtype": out_dtype, "seed": seed, "init": init_mode.name}
-    result = ConversionPlan(cfg.to_dict(), tensors, dropped, lmap, warnings, (dict(analysis) if isinstance(analysis, dict) else analysis.to_dict()), seed,
-                            options, p.mismatches)
+    source = dict(analysis) if isinstance(analysis, dict) else analysis.to_dict()
+    result = ConversionPlan(cfg.to_dict(), tensors, dropped, lmap, warnings, source, seed, options, p.mismatches)
     share = result.summary()["transferred_parameter_share"]
     if share < 0.5:
         result.warnings.append(f"<50% transferred ({share:.1%} of the parameters): architectures differ a lot")

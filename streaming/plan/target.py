@@ -1,4 +1,5 @@
-"""The target MMRecConfig: the source's sizes unless the guide's flags override them."""
+"""The target MMRecConfig: the source's sizes unless --vocab_size, --model_dim, --num_layers, --num_heads
+or --ffn_dim override them (docs/conversion.md)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ FLOAT_CODES = ("F16", "BF16", "F32", "F64")
 _DTYPE_ALIASES = {"bf16": "BF16", "fp16": "F16", "half": "F16", "fp32": "F32", "float": "F32",
                   "f32": "F32", "f16": "F16", "fp64": "F64", "double": "F64", "f64": "F64"}
 
-# source activation -> MM-Rec ffn_act (CONVERSION.md: gelu_new/gelu_pytorch_tanh are the tanh GELU)
+# source activation -> MM-Rec ffn_act (docs/conversion.md: gelu_new/gelu_pytorch_tanh are the tanh GELU)
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
                "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
 
