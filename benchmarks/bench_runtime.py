@@ -143,7 +143,7 @@ def bench_model(dim, layers, dtype, device, args, bandwidth) -> dict:
         result[f"generate_ms_per_token{'_cuda_graph' if graph else ''}"] = 1e3 * (many - one) / n
     if bandwidth:
         result["weight_read_floor_ms"] = 1e3 * nbytes / (bandwidth * 1e9)
-    del model
+    model = None  # free it before the next size (the lambdas above share this binding)
     gc.collect()
     return result
 

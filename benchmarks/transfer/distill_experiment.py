@@ -128,7 +128,7 @@ def score_all(work: Path, arms: dict[str, Path], data: Path, device: str, tiny: 
             return teacher(input_ids=x.to(device)).logits
 
     results["source"] = {"short": score_windows(teacher_logits, short, batch=16)}
-    del teacher
+    teacher = None  # free its GPU memory before the students (teacher_logits shares this binding)
     for name, path in arms.items():
         model = MMRecModel.from_pretrained(path, device=device, dtype="float32").eval()
         entry = {"short": score_windows(mmrec_logits_fn(model), short, batch=16)}
