@@ -9,7 +9,10 @@ every module in this folder, so adding a family touches one place: a new module.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:  # analysis imports the families: the type is for readers and checkers only
+    from ..analysis import SourceAnalysis
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SizeSpec:
@@ -77,11 +80,11 @@ class Family:
     layouts: ClassVar[dict[str, SizeSpec]] = {}  # a source layout that is always this family (Meta's "meta")
     norm_is_layernorm: ClassVar[bool] = False  # LayerNorm (weight + bias): norms transfer at 0.5
 
-    def roles(self, a: Any, names: set[str]) -> tuple[dict[str, Src], dict[str, Src]]:
+    def roles(self, a: SourceAnalysis, names: set[str]) -> tuple[dict[str, Src], dict[str, Src]]:
         """({global role: Src}, {layer role: Src}) for analysis `a` and the catalog's tensor names."""
         raise NotImplementedError
 
-    def warnings(self, a: Any) -> list[str]:
+    def warnings(self, a: SourceAnalysis) -> list[str]:
         return []
 
 
@@ -127,11 +130,11 @@ def llama_global_roles() -> dict[str, Src]:
             "final_norm": Src("norm.weight")}
 
 
-def kv_dim(a: Any) -> int:
+def kv_dim(a: SourceAnalysis) -> int:
     """Rows of a k/v projection: num_kv_heads * head_dim."""
     heads = a.num_kv_heads or a.num_heads
     return int(heads) * int(a.head_dim or a.model_dim // a.num_heads)
 
 
-def q_dim(a: Any) -> int:
+def q_dim(a: SourceAnalysis) -> int:
     return int(a.num_heads) * int(a.head_dim or a.model_dim // a.num_heads)
