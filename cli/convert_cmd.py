@@ -9,34 +9,32 @@ from typing import Optional
 import typer
 
 from .errors import EXIT_REFUSED, EXIT_USAGE, clean_errors, fail
-from .plan_options import (DEFAULT_INIT_MODE, FLAG, INIT_HELP, check_plan_options, check_size_option,
-                           SIZE_NAMES, hidden_alias, merge_guide_spellings, recheck_sizes_for_source,
-                           size_option)
+from .plan_options import (DEFAULT_INIT_MODE, FLAG, SIZE_NAMES, Debug, Dtype, FfnDim, FfnDimAlias, Init,
+                           LayerMap, LayerMapAlias, Mapping, MappingFile, MappingFileAlias, ModelDim, ModelDimAlias,
+                           NoInitializeNew, NoInitializeNewAlias, NumHeads, NumHeadsAlias, NumLayers, NumLayersAlias,
+                           Seed, Strict, VocabSize, VocabSizeAlias, check_plan_options, check_size_option,
+                           merge_guide_spellings, recheck_sizes_for_source)
 
 
 def shard_convert(
-    source: Path = typer.Option(..., "--source", metavar="PATH", help="Checkpoint file or directory to convert."),
+    source: str = typer.Option(..., "--source", metavar="PATH|URL",
+                               help="Checkpoint file or directory to convert, or a URL (https://.../dir/, "
+                                    "hf://org/name[@revision]: docs/remote.md)."),
     output: Path = typer.Option(..., "--output", metavar="PATH",
                                 help="Output directory, or a single .safetensors file."),
-    vocab_size: Optional[int] = size_option("vocab_size", "Target vocabulary (pad/truncate)."),
-    model_dim: Optional[int] = size_option("model_dim", "Target hidden size."),
-    num_layers: Optional[int] = size_option("num_layers", "Target layer count."),
-    num_heads: Optional[int] = size_option("num_heads", "Target memory-attention heads."),
-    ffn_dim: Optional[int] = size_option("ffn_dim", "Target FFN width."),
-    strict: bool = typer.Option(False, "--strict", metavar=FLAG,
-                                help="Fail if any target tensor cannot come from the source."),
-    no_initialize_new: bool = typer.Option(False, "--no-initialize-new", metavar=FLAG,
-                                           help="Write only converted tensors (a partial checkpoint; or "
-                                                "--no_initialize_new)."),
-    mapping: str = typer.Option("default", "--mapping", metavar="TABLE", help="Mapping table: default or extended."),
-    mapping_file: Optional[Path] = typer.Option(None, "--mapping-file", metavar="FILE",
-                                                help="JSON/YAML mapping that replaces or extends the table."),
-    layer_map: Optional[str] = typer.Option(None, "--layer-map", metavar="MAP",
-                                            help="first (default), uniform, or a list like 0,2,4."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", metavar="DTYPE",
-                                        help="Output dtype (bfloat16, float16, float32); default: the source's."),
-    seed: int = typer.Option(0, "--seed", metavar="INT", help="Seed of the new components' init."),
-    init: str = typer.Option(DEFAULT_INIT_MODE, "--init", metavar="MODE", help=INIT_HELP),
+    vocab_size: VocabSize = None,
+    model_dim: ModelDim = None,
+    num_layers: NumLayers = None,
+    num_heads: NumHeads = None,
+    ffn_dim: FfnDim = None,
+    strict: Strict = False,
+    no_initialize_new: NoInitializeNew = False,
+    mapping: Mapping = "default",
+    mapping_file: MappingFile = None,
+    layer_map: LayerMap = None,
+    dtype: Dtype = None,
+    seed: Seed = 0,
+    init: Init = DEFAULT_INIT_MODE,
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", metavar="SIZE",
                                        help="Largest output shard, with a unit (decimal: 5GB = 5e9 bytes; "
                                             "MiB/GiB binary)."),
@@ -60,19 +58,22 @@ def shard_convert(
     quiet: bool = typer.Option(False, "--quiet", "-q", metavar=FLAG,
                                help="Print nothing on success but what --json asks for; errors still go to "
                                     "stderr."),
-    debug: bool = typer.Option(False, "--debug", metavar=FLAG, help="Show tracebacks."),
-    # the guide's underscore spellings, accepted but not listed
-    vocab_size_: Optional[int] = hidden_alias("vocab_size"),
-    model_dim_: Optional[int] = hidden_alias("model_dim"),
-    num_layers_: Optional[int] = hidden_alias("num_layers"),
-    num_heads_: Optional[int] = hidden_alias("num_heads"),
-    ffn_dim_: Optional[int] = hidden_alias("ffn_dim"),
-    no_initialize_new_: bool = hidden_alias("no_initialize_new", flag=True),
-    mapping_file_: Optional[Path] = hidden_alias("mapping_file"),
-    layer_map_: Optional[str] = hidden_alias("layer_map"),
+    debug: Debug = False,
+    # the original CLI's underscore spellings, accepted but not listed
+    vocab_size_: VocabSizeAlias = None,
+    model_dim_: ModelDimAlias = None,
+    num_layers_: NumLayersAlias = None,
+    num_heads_: NumHeadsAlias = None,
+    ffn_dim_: FfnDimAlias = None,
+    no_initialize_new_: NoInitializeNewAlias = False,
+    mapping_file_: MappingFileAlias = None,
+    layer_map_: LayerMapAlias = None,
 ) -> None:
     """Convert a Transformer checkpoint to MM-Rec, streaming one tensor at a time."""
     from mmrec.streaming.graph import SchedulerChoice
+    from mmrec.streaming.sources.paths import source_argument
+
+    source = source_argument(source)  # a Path, or a URL kept whole
 
     check_size_option("--max-shard-size", max_shard_size)
     check_size_option("--memory-budget", memory_budget)
@@ -132,7 +133,7 @@ def _refusal(options, plan, catalog) -> str | None:
     from mmrec.streaming.output import OutputRefused, OutputState, check_not_inside_source
 
     try:
-        check_not_inside_source(Path(options.source), Path(options.output))
+        check_not_inside_source(options.source, Path(options.output))
         directory, single = output_paths(Path(options.output))
         identity = None
         if options.resume:  # compared with the interrupted run's, as the real run does

@@ -9,6 +9,7 @@ import typer
 
 from mmrec.streaming.analysis import analyze
 from mmrec.streaming.sources import open_source
+from mmrec.streaming.sources.paths import source_argument
 
 from .errors import clean_errors
 
@@ -21,12 +22,14 @@ _ROWS = [("model type", "model_type"), ("layout", "layout"), ("vocab size", "voc
          ("bytes", "total_bytes")]
 
 
-def inspect(source: Path = typer.Argument(..., metavar="SOURCE",
-                                          help="Checkpoint file or directory (any supported layout)."),
+def inspect(source: str = typer.Argument(..., metavar="SOURCE",
+                                         help="Checkpoint file or directory (any supported layout), or a URL "
+                                              "(docs/remote.md)."),
             json_output: bool = typer.Option(False, "--json", metavar="",
                                              help="Print one JSON object instead of a table."),
             debug: bool = typer.Option(False, "--debug", metavar="", help="Show tracebacks.")):
     """Analyse a source checkpoint from its headers and config files."""
+    source = source_argument(source)  # a Path, or a URL kept whole
     with clean_errors(debug):
         catalog = open_source(source)
         analysis = analyze(catalog)

@@ -2,49 +2,30 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Optional
-
 import typer
 
 from .errors import clean_errors
-from .plan_options import (DEFAULT_INIT_MODE, FLAG, INIT_HELP, check_plan_options, check_sizes_for_source,
-                           SIZE_NAMES, hidden_alias, merge_guide_spellings, size_option)
+from .plan_options import (DEFAULT_INIT_MODE, FLAG, SIZE_NAMES, Debug, Dtype, FfnDim, FfnDimAlias, Init,
+                           LayerMap, LayerMapAlias, Mapping, MappingFile, MappingFileAlias, ModelDim, ModelDimAlias,
+                           NoInitializeNew, NoInitializeNewAlias, NumHeads, NumHeadsAlias, NumLayers, NumLayersAlias,
+                           Seed, Strict, VocabSize, VocabSizeAlias, check_plan_options, check_sizes_for_source,
+                           merge_guide_spellings)
 
 
-def plan(source: Path = typer.Argument(..., metavar="SOURCE",
-                                       help="Checkpoint file or directory (any supported layout)."),
-         vocab_size: Optional[int] = size_option("vocab_size", "Target vocabulary (default: source's)."),
-         model_dim: Optional[int] = size_option("model_dim", "Target hidden size D."),
-         num_layers: Optional[int] = size_option("num_layers", "Target layers."),
-         num_heads: Optional[int] = size_option("num_heads", "Target memory-attention heads."),
-         ffn_dim: Optional[int] = size_option("ffn_dim", "Target FFN width."),
-         mapping: str = typer.Option("default", "--mapping", metavar="TABLE",
-                                     help="Mapping table: default or extended."),
-         mapping_file: Optional[Path] = typer.Option(None, "--mapping-file", metavar="FILE",
-                                                     help="Custom mapping (JSON or YAML)."),
-         layer_map: Optional[str] = typer.Option(None, "--layer-map", metavar="MAP",
-                                                 help="first (default), uniform, or a list like 0,2,4,new."),
-         strict: bool = typer.Option(False, "--strict", metavar=FLAG,
-                                     help="Fail if any target tensor cannot come from the source."),
-         no_initialize_new: bool = typer.Option(False, "--no-initialize-new", metavar=FLAG,
-                                                help="Plan only converted tensors (a partial checkpoint; or "
-                                                     "--no_initialize_new)."),
-         dtype: Optional[str] = typer.Option(None, "--dtype", metavar="DTYPE",
-                                             help="Output dtype (default: the source's)."),
-         seed: int = typer.Option(0, "--seed", metavar="INT", help="Seed of new components."),
-         init: str = typer.Option(DEFAULT_INIT_MODE, "--init", metavar="MODE", help=INIT_HELP),
+def plan(source: str = typer.Argument(..., metavar="SOURCE",
+                                      help="Checkpoint file or directory (any supported layout), or a URL "
+                                           "(docs/remote.md)."),
+         vocab_size: VocabSize = None, model_dim: ModelDim = None, num_layers: NumLayers = None,
+         num_heads: NumHeads = None, ffn_dim: FfnDim = None, mapping: Mapping = "default",
+         mapping_file: MappingFile = None, layer_map: LayerMap = None, strict: Strict = False,
+         no_initialize_new: NoInitializeNew = False, dtype: Dtype = None, seed: Seed = 0,
+         init: Init = DEFAULT_INIT_MODE, debug: Debug = False,
          json_output: bool = typer.Option(False, "--json", metavar=FLAG, help="Print the plan as JSON."),
-         debug: bool = typer.Option(False, "--debug", metavar=FLAG, help="Show tracebacks."),
-         # the guide's underscore spellings, accepted but not listed
-         vocab_size_: Optional[int] = hidden_alias("vocab_size"),
-         model_dim_: Optional[int] = hidden_alias("model_dim"),
-         num_layers_: Optional[int] = hidden_alias("num_layers"),
-         num_heads_: Optional[int] = hidden_alias("num_heads"),
-         ffn_dim_: Optional[int] = hidden_alias("ffn_dim"),
-         no_initialize_new_: bool = hidden_alias("no_initialize_new", flag=True),
-         mapping_file_: Optional[Path] = hidden_alias("mapping_file"),
-         layer_map_: Optional[str] = hidden_alias("layer_map")):
+         # the original CLI's underscore spellings, accepted but not listed
+         vocab_size_: VocabSizeAlias = None, model_dim_: ModelDimAlias = None, num_layers_: NumLayersAlias = None,
+         num_heads_: NumHeadsAlias = None, ffn_dim_: FfnDimAlias = None,
+         no_initialize_new_: NoInitializeNewAlias = False, mapping_file_: MappingFileAlias = None,
+         layer_map_: LayerMapAlias = None):
     """Plan a conversion to MM-Rec and print its summary (no tensor data is read)."""
     merged = merge_guide_spellings(locals())
     overrides = {name: merged[name] for name in SIZE_NAMES}
@@ -56,8 +37,9 @@ def plan(source: Path = typer.Argument(..., metavar="SOURCE",
         from mmrec.streaming.plan import build_plan
         from mmrec.streaming.report import build_report, summary_text
         from mmrec.streaming.sources import open_source
+        from mmrec.streaming.sources.paths import source_argument
 
-        catalog = open_source(source)
+        catalog = open_source(source_argument(source))
         analysis = analyze(catalog)
         check_sizes_for_source(analysis, overrides)  # exit 2 when --num_heads & co. do not fit this source
         result = build_plan(catalog, analysis, overrides, mapping=mapping, mapping_file=mapping_file,

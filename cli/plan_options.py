@@ -9,7 +9,8 @@ CLI's underscore spellings (`--vocab_size`) are accepted as hidden aliases, so t
 from __future__ import annotations
 
 import re
-from typing import Any
+from pathlib import Path
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -29,14 +30,48 @@ SIZE_NAMES = OVERRIDE_KEYS  # the target sizes an option may set
 MAX_SIZE_OPTION = 2**32
 
 
-def size_option(name: str, help: str):
+# -- the options `plan` and `shard-convert` share, declared once ------------------------------------------
+# Each is an annotated type: a command writes `vocab_size: VocabSize = None`, so a help text, a metavar or a
+# spelling cannot drift between the two commands.
+def _size(name: str, help: str) -> Any:
     """A target size: `--model-dim N` in the help, which names the original `--model_dim` spelling too."""
-    return typer.Option(None, "--" + name.replace("_", "-"), metavar="N", help=f"{help} (or --{name})")
+    return Annotated[Optional[int], typer.Option("--" + name.replace("_", "-"), metavar="N",
+                                                 help=f"{help} (or --{name})")]
 
 
-def hidden_alias(name: str, flag: bool = False):
+VocabSize = _size("vocab_size", "Target vocabulary (pad/truncate; default: the source's).")
+ModelDim = _size("model_dim", "Target hidden size D.")
+NumLayers = _size("num_layers", "Target layer count.")
+NumHeads = _size("num_heads", "Target memory-attention heads.")
+FfnDim = _size("ffn_dim", "Target FFN width.")
+Mapping = Annotated[str, typer.Option("--mapping", metavar="TABLE", help="Mapping table: default or extended.")]
+MappingFile = Annotated[Optional[Path], typer.Option("--mapping-file", metavar="FILE",
+                                                     help="JSON/YAML mapping that replaces or extends the table.")]
+LayerMap = Annotated[Optional[str], typer.Option("--layer-map", metavar="MAP",
+                                                 help="first (default), uniform, or a list like 0,2,4,new.")]
+Strict = Annotated[bool, typer.Option("--strict", metavar=FLAG,
+                                      help="Fail if any target tensor cannot come from the source.")]
+NoInitializeNew = Annotated[bool, typer.Option("--no-initialize-new", metavar=FLAG,
+                                               help="Only the converted tensors: a partial checkpoint (or "
+                                                    "--no_initialize_new).")]
+Dtype = Annotated[Optional[str], typer.Option("--dtype", metavar="DTYPE",
+                                              help="Output dtype (bfloat16, float16, float32); default: the "
+                                                   "source's.")]
+Seed = Annotated[int, typer.Option("--seed", metavar="INT", help="Seed of the new components' init.")]
+Init = Annotated[str, typer.Option("--init", metavar="MODE", help=INIT_HELP)]
+Debug = Annotated[bool, typer.Option("--debug", metavar=FLAG, help="Show tracebacks.")]
+
+
+def _alias(name: str, kind: Any) -> Any:
     """The original CLI's underscore spelling of an option: accepted, not listed in the help."""
-    return typer.Option(False if flag else None, f"--{name}", hidden=True)
+    return Annotated[kind, typer.Option(f"--{name}", hidden=True)]
+
+
+VocabSizeAlias, ModelDimAlias, NumLayersAlias, NumHeadsAlias, FfnDimAlias = (
+    _alias(name, Optional[int]) for name in SIZE_NAMES)
+NoInitializeNewAlias = _alias("no_initialize_new", bool)
+MappingFileAlias = _alias("mapping_file", Optional[Path])
+LayerMapAlias = _alias("layer_map", Optional[str])
 
 
 GUIDE_SPELLINGS = (*SIZE_NAMES, "no_initialize_new", "mapping_file", "layer_map")  # options with a hidden alias

@@ -55,6 +55,7 @@ def safetensors_code(dtype) -> str:
     return TORCH_NAME_TO_CODE[str(dtype).removeprefix("torch.")]
 
 MAX_HEADER_BYTES = 100_000_000  # the library's own limit
+LFS_PREFIX = b"version https://git-lfs"  # how a Git LFS pointer file starts (the weights were never pulled)
 # Tensors one file may list. Zero-size tensors take no data bytes, so the file's size does not bound their
 # count; 200 000 is far above any real shard (a 671B MoE has ~92 000 tensors in all) and keeps a header of a
 # million empty tensors from costing tens of seconds (and gigabytes) in every later step.
@@ -86,14 +87,14 @@ class TensorSpan:
 
 @dataclasses.dataclass(frozen=True)
 class SafetensorsHeader:
-    path: Path
+    path: Path | str  # a URL for a remote file
     data_start: int  # absolute offset of the data section (8 + header length)
     tensors: dict[str, TensorSpan]  # in data order
     metadata: dict[str, str]
     file_size: int
 
 
-def _fail(path: Path, message: str) -> SafetensorsFormatError:
+def _fail(path: Path | str, message: str) -> SafetensorsFormatError:
     return SafetensorsFormatError(f"{path}: {message}")
 
 
@@ -110,21 +111,33 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
         os.set_blocking(fd, True)
         with open(fd, "rb") as f:
             file_size = st.st_size
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise _fail(path, f"truncated: {file_size} bytes is too short for a safetensors header")
-            if prefix.startswith(b"version https://git-lfs"):
-                raise _fail(path, "is a Git LFS pointer, not the weights (run `git lfs pull`)")
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > MAX_HEADER_BYTES:
-                raise _fail(path, f"not a safetensors file (its first 8 bytes give a header length of "
-                                  f"{header_len}, over the {MAX_HEADER_BYTES}-byte limit)")
-            if 8 + header_len > file_size:
-                raise _fail(path, f"header length {header_len} is larger than the file ({file_size} bytes); "
-                                  "the file is truncated or not safetensors")
+            header_len = header_length(path, f.read(8), file_size)
             raw = f.read(header_len)
     except OSError as exc:
         raise _fail(path, f"cannot read ({exc.strerror or exc})") from None
+    return parse_header(path, raw, file_size)
+
+
+def header_length(path: Path | str, prefix: bytes, file_size: int) -> int:
+    """The header length a file's first 8 bytes give, checked against the limit and the file's size."""
+    if len(prefix) < 8:
+        raise _fail(path, f"truncated: {file_size} bytes is too short for a safetensors header")
+    if prefix.startswith(LFS_PREFIX):
+        raise _fail(path, "is a Git LFS pointer, not the weights (run `git lfs pull`)")
+    (header_len,) = struct.unpack("<Q", prefix[:8])
+    if header_len > MAX_HEADER_BYTES:
+        raise _fail(path, f"not a safetensors file (its first 8 bytes give a header length of "
+                          f"{header_len}, over the {MAX_HEADER_BYTES}-byte limit)")
+    if 8 + header_len > file_size:
+        raise _fail(path, f"header length {header_len} is larger than the file ({file_size} bytes); "
+                          "the file is truncated or not safetensors")
+    return header_len
+
+
+def parse_header(path: Path | str, raw: bytes, file_size: int) -> SafetensorsHeader:
+    """Parse and validate the header bytes `raw` (after the 8-byte length) of a file of `file_size` bytes;
+    `path` (a path or a URL) only names the file in errors. Used for local files and remote ones alike."""
+    header_len = len(raw)
     listed = raw.count(b'"data_offsets"')  # an upper bound of the entries, counted before parsing anything
     if listed > MAX_TENSORS_PER_FILE:
         raise _fail(path, f"header lists {listed} tensors, over the {MAX_TENSORS_PER_FILE}-tensor limit for one "

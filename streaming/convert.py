@@ -24,7 +24,7 @@ from .plan import build_plan
 from .plan.model import ConversionPlan
 from .progress import Progress
 from .report import build_report
-from .sources import open_source
+from .sources import open_source, remote_url
 from .tasks import prepare_shard, zero_init
 from .transforms import copy_range
 
@@ -33,7 +33,7 @@ DEFAULT_MEMORY_BUDGET = "512MB"
 
 @dataclasses.dataclass
 class ConvertOptions:
-    source: Path
+    source: Path | str  # a path, or a URL as a string (docs/remote.md)
     output: Path
     overrides: dict = dataclasses.field(default_factory=dict)  # vocab_size, model_dim, ... (the target size options)
     mapping: str = "default"
@@ -132,7 +132,8 @@ def _write_shards(options, plan, layout, catalog, state, keep, executor, run_tok
     if executor.client is None and any(copies[tp.name] is None and not zero_init(tp) for tp in plan.tensors):
         # computed tensors need torch (~1 s to import): start now, while the first copies run
         threading.Thread(target=importlib.import_module, args=("torch",), daemon=True).start()
-    graph, keys = build_graph(plan, layout, state.path, todo, str(Path(options.source).resolve()),
+    source = remote_url(options.source) or str(Path(options.source).resolve())  # what each worker reopens
+    graph, keys = build_graph(plan, layout, state.path, todo, source,
                               fingerprint, chunk_bytes_for(options, executor.concurrency), copies, run_token)
     done_bytes = sum(layout.slots[n].end - layout.slots[n].start for n in checksums)
     progress = Progress(layout.total_tensor_bytes, len(layout.slots), done_bytes, len(checksums),

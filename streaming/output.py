@@ -29,6 +29,11 @@ class OutputRefused(RuntimeError):
 
 
 def check_not_inside_source(source: Path, output: Path) -> None:
+    from .sources.paths import remote_url
+
+    if remote_url(source) is not None:
+        return  # a URL source: nothing local to protect
+    source = Path(source)
     if not source.exists():
         return  # opening the source says so, naming it
     src, out = source.resolve(), output.resolve()

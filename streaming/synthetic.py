@@ -22,7 +22,7 @@ from mmrec.safetensors_format import DTYPE_SIZES, layout_header
 
 from .output import REPORT_NAME, STATE_DIR, OutputRefused
 from .progress import Progress, human_bytes
-from .sources.catalog import AUX_FILE_NAMES
+from mmrec.shards import TOKENIZER_FILES
 
 PRESETS = {
     # name: (vocab, hidden, intermediate, layers, heads, kv_heads)
@@ -42,7 +42,7 @@ def _previous_outputs(out: Path) -> list[Path]:
     """What an earlier synth or conversion into `out` leaves: weights, index, config.json, the conversion
     report, tokenizer files and the conversion's state directory (`--overwrite` removes these)."""
     shards = [p for p in checkpoint_file_paths(out) if p.suffix != ".safetensors" or _SHARD_NAME.fullmatch(p.name)]
-    paths = [*shards, *(out / n for n in (REPORT_NAME, *AUX_FILE_NAMES))]
+    paths = [*shards, *(out / n for n in (REPORT_NAME, *TOKENIZER_FILES))]
     paths += [p for p in out.iterdir() if p.name.endswith("." + REPORT_NAME) or p.name == STATE_DIR]
     # only files (and the conversion's state directory): another model's adapter_model.safetensors or a
     # directory that happens to share a name stays

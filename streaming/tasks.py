@@ -9,6 +9,7 @@ import errno
 import functools
 import mmap
 import os
+import sys
 import threading
 
 from .checksums import PieceHasher, combine, piece_rows
@@ -23,7 +24,8 @@ def worker_catalog(source: str, fingerprint: str):
     """One opened source per worker process (threads share it; reads are views of shared maps).
 
     Keyed by the run's source fingerprint: a long-lived worker (a joined cluster, a notebook) that sees
-    the same path hold other files reopens it instead of serving stale maps.
+    the same path hold other files reopens it instead of serving stale maps. A remote source opened by
+    this very process (the driver, under the threaded scheduler) is reused: its headers are not fetched again.
     """
     with _catalog_lock:
         cached = _catalogs.get(source)
@@ -31,7 +33,10 @@ def worker_catalog(source: str, fingerprint: str):
             return cached[1]
         from .sources import SourceError, open_source
 
-        catalog = open_source(source)
+        remote = sys.modules.get("mmrec.streaming.sources.remote")  # imported only if a URL was opened here
+        catalog = remote.opened_catalog(fingerprint) if remote is not None else None
+        if catalog is None:
+            catalog = open_source(source)
         if catalog.fingerprint() != fingerprint:
             raise SourceError(f"{source}: the source changed while it was being converted")
         _catalogs[source] = (fingerprint, catalog)
@@ -189,6 +194,9 @@ def _copy_range(task: WriteTask, dst_fd: int, hasher: PieceHasher) -> None:
     first = src_start + task.row_start * task.row_bytes
     if task.nbytes == 0:
         return
+    if src_path.startswith(("http://", "https://")):  # a remote source: no map, stream it from the server
+        _copy_from_server(task, first, dst_fd, hasher)
+        return
     with naming_os_errors(src_path):  # errors of the source name the source, not the shard
         src_fd = os.open(src_path, os.O_RDONLY)
         try:
@@ -234,6 +242,22 @@ def _copy_by_reading(task: WriteTask, src_fd: int, first: int, dst_fd: int, hash
         with naming_os_errors(task.partial_path):
             _pwrite_all(dst_fd, buffer[:got], task.first_byte + done)
         done += got
+
+
+def _copy_from_server(task: WriteTask, first: int, dst_fd: int, hasher: PieceHasher) -> None:
+    """_copy_by_reading for a remote source: the range comes as HTTP range requests in blocks of at most
+    COPY_BLOCK (a dropped connection resumes where it stopped), each block hashed and written as it arrives."""
+    catalog = worker_catalog(task.source, task.fingerprint)
+    done = 0
+
+    def take(block) -> None:
+        nonlocal done
+        hasher.update(block)
+        with naming_os_errors(task.partial_path):
+            _pwrite_all(dst_fd, block, task.first_byte + done)
+        done += len(block)
+
+    catalog.stream(task.copy_from[0], first, task.nbytes, take, COPY_BLOCK)
 
 
 _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02

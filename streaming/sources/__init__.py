@@ -1,16 +1,21 @@
-"""Memory-mapped sources: `open_source(path)` detects a checkpoint's layout and catalogs its tensors."""
+"""Memory-mapped sources: `open_source(path)` detects a checkpoint's layout and catalogs its tensors.
+
+A URL source (`https://...`, `hf://org/name[@revision]`) is cataloged by `remote.py` instead, imported
+only then: its tensors are read with HTTP range requests (docs/remote.md)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+from mmrec.shards import INDEX_NAME
+
 from . import meta, safetensors_source, torch_source
 from .catalog import (Piece, SourceCatalog, SourceError, SourceTensor, build_tensors, find_aux_files,
                       load_json, normalize_name)
-from .paths import check_inside_dir, check_not_lfs_pointer, check_regular_file
+from .paths import check_inside_dir, check_not_lfs_pointer, check_regular_file, remote_url
 
-__all__ = ["open_source", "SourceCatalog", "SourceError", "SourceTensor", "Piece", "normalize_name"]
+__all__ = ["open_source", "SourceCatalog", "SourceError", "SourceTensor", "Piece", "normalize_name", "remote_url"]
 
 # Files a training run leaves next to the weights that are pickles of other things, not weights.
 NOT_WEIGHTS = {"training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "optimizer.bin"}
@@ -18,6 +23,11 @@ NOT_WEIGHTS = {"training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt",
 
 def open_source(path: str | os.PathLike) -> SourceCatalog:
     """Catalog a checkpoint from its headers only (no tensor data read, torch not imported)."""
+    url = remote_url(path)
+    if url is not None:
+        from .remote import open_remote
+
+        return open_remote(url)
     path = Path(path).absolute()
     if not path.exists():
         raise SourceError(f"{path}: does not exist")
@@ -77,7 +87,7 @@ def _detect_file(path: Path):
 
 
 def _detect_dir(root: Path):
-    st_index = root / safetensors_source.INDEX_NAME
+    st_index = root / INDEX_NAME
     if st_index.is_file():
         return _detect_file(st_index)
     st_files = sorted(p for p in root.glob("*.safetensors") if p.is_file())

@@ -10,13 +10,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import mmap
 import os
 import stat
 import threading
 from pathlib import Path
 
-from mmrec.safetensors_format import DTYPE_SIZES, CODE_TO_TORCH_NAME
+from mmrec.safetensors_format import DTYPE_SIZES, torch_dtype
+from mmrec.shards import TOKENIZER_FILES
+
+from ..terminal import escape
 
 
 class SourceError(ValueError):
@@ -26,8 +30,7 @@ class SourceError(ValueError):
     the file are escaped, and an absurdly long message is cut."""
 
     def __init__(self, message: str):
-        if not message.isprintable():
-            message = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+        message = escape(message)
         if len(message) > 1000:
             message = message[:990] + " [...]"
         super().__init__(message)
@@ -47,13 +50,6 @@ def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
         strides.append(acc)
         acc *= d
     return tuple(reversed(strides))
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def is_contiguous(shape: tuple[int, ...], strides: tuple[int, ...]) -> bool:
@@ -77,7 +73,7 @@ class SourceTensor:
 
     @property
     def numel(self) -> int:
-        return _numel(self.shape)
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -113,10 +109,6 @@ def normalize_name(name: str) -> str:
     return name
 
 
-# Files copied next to the converted weights.
-AUX_FILE_NAMES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                  "generation_config.json", "vocab.json", "merges.txt", "added_tokens.json",
-                  "chat_template.json", "chat_template.jinja", "tokenizer.tiktoken")
 
 
 class SourceCatalog:
@@ -157,7 +149,7 @@ class SourceCatalog:
         t = self.tensors.get(name)
         if t is None:
             raise KeyError(f"{self.root}: no tensor named {name!r}")
-        dtype = getattr(torch, CODE_TO_TORCH_NAME[t.dtype])
+        dtype = torch_dtype(t.dtype)
         if not t.shape:  # a scalar: no rows to slice
             return self._piece_rows(t.pieces[0], dtype, 0, None)
         rows = t.shape[0]
@@ -191,7 +183,7 @@ class SourceCatalog:
         else:
             shape, offset = (), p.offset
         strides = p.strides
-        n = _numel(shape)
+        n = math.prod(shape)
         if n == 0:
             return torch.empty(shape, dtype=dtype)
         span = 1 + sum((d - 1) * s for d, s in zip(shape, strides))  # elements from first to last
@@ -241,17 +233,22 @@ class SourceCatalog:
 
     # -- identity -----------------------------------------------------------------------------------
     def fingerprint(self) -> str:
-        """Stable hash of file names, sizes, mtimes and the parsed headers (refuses a changed --resume)."""
+        """Stable hash of the files' identities (name, size, mtime) and the parsed headers (refuses a changed
+        --resume)."""
         h = hashlib.sha256()
         for f in self.files:
-            st = f.stat()
-            h.update(json.dumps([f.name, st.st_size, st.st_mtime_ns]).encode())
+            h.update(json.dumps(self._file_identity(f)).encode())
         for t in self.tensors.values():
             d = t.to_dict()
             d["pieces"] = [[Path(p[0]).name, *p[1:]] for p in d["pieces"]]  # independent of the mount point
             h.update(json.dumps(d, sort_keys=True).encode())
         h.update(json.dumps(self.config, sort_keys=True, default=str).encode())
         return h.hexdigest()
+
+    def _file_identity(self, file: Path) -> list:
+        """What says a file is unchanged: its name, size and mtime (a remote file: URL, size, ETag)."""
+        st = file.stat()
+        return [file.name, st.st_size, st.st_mtime_ns]
 
 
 _warning_filtered = False
@@ -290,7 +287,7 @@ def build_tensors(entries: list[SourceTensor], describe) -> dict[str, SourceTens
 
 
 def find_aux_files(root: Path) -> list[Path]:
-    return [root / n for n in AUX_FILE_NAMES if (root / n).is_file()]
+    return [root / n for n in TOKENIZER_FILES if (root / n).is_file()]
 
 
 def load_json(path: Path) -> dict:

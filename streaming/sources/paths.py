@@ -6,9 +6,9 @@ import os
 import stat
 from pathlib import Path
 
-from .catalog import SourceError
+from mmrec.safetensors_format import LFS_PREFIX
 
-LFS_PREFIX = b"version https://git-lfs"
+from .catalog import SourceError
 
 
 def allowed_roots(root: Path) -> list[Path]:
@@ -84,3 +84,21 @@ def check_not_lfs_pointer(path: Path) -> None:
         raise SourceError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if head == LFS_PREFIX:
         raise SourceError(f"{path}: is a Git LFS pointer, not the weights (run `git lfs pull`)")
+
+
+# -- remote sources (docs/remote.md) -----------------------------------------------------------------
+# Only the spelling lives here, so telling a URL from a path never imports the HTTP code (sources/remote.py).
+REMOTE_PREFIXES = ("http://", "https://", "hf://")
+
+
+def remote_url(source) -> str | None:
+    """The URL when `source` is a string spelled as one (`https://...`, `hf://org/name[@revision]`), else
+    None. A Path is never a URL: Path() folds the '//' of one, so URLs travel as plain strings."""
+    if isinstance(source, str) and source.lower().startswith(REMOTE_PREFIXES):
+        return source
+    return None
+
+
+def source_argument(text: str) -> "Path | str":
+    """The command line's SOURCE: a URL stays a string (a Path would fold its '//'), anything else a path."""
+    return text if remote_url(text) else Path(text)

@@ -9,8 +9,6 @@ from mmrec.safetensors_format import SafetensorsFormatError, read_header
 from .catalog import Piece, SourceError, SourceTensor, contiguous_strides, load_json, normalize_name
 from .paths import resolve_in_dir
 
-INDEX_NAME = "model.safetensors.index.json"
-
 
 def files_from_index(index_path: Path) -> tuple[list[Path], dict[str, Path]]:
     """Weight files named by an HF index (in first-mention order) and its name -> file map."""
