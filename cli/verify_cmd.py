@@ -14,8 +14,9 @@ from .plan_options import FLAG
 
 def verify(
     output: Path = typer.Argument(..., metavar="OUTPUT", help="Converted checkpoint directory or .safetensors file."),
-    source: Optional[Path] = typer.Option(None, "--source", metavar="PATH",
-                                          help="Also recompute transferred tensors from this source."),
+    source: Optional[str] = typer.Option(None, "--source", metavar="PATH|URL",
+                                         help="Also recompute transferred tensors from this source (a path, or a "
+                                              "URL: docs/remote.md)."),
     json_output: bool = typer.Option(False, "--json", metavar=FLAG, help="Print the result as JSON."),
     debug: bool = typer.Option(False, "--debug", metavar=FLAG, help="Show tracebacks."),
 ) -> None:
@@ -23,7 +24,9 @@ def verify(
     with clean_errors(debug):
         from mmrec.streaming.verify import verify as run_verify
 
-        result = run_verify(output, source)
+        from mmrec.streaming.sources.paths import source_argument
+
+        result = run_verify(output, source_argument(source) if source is not None else None)
     if json_output:
         typer.echo(json.dumps(result.to_dict(), indent=2))
     else:

@@ -106,7 +106,7 @@ def verify(output: str | Path, source: str | Path | None = None, block_bytes: in
     else:
         _check_checksums(report, spans, result)
         if source is not None:
-            _recompute(report, spans, Path(source), block_bytes, result)
+            _recompute(report, spans, source, block_bytes, result)
     return result
 
 
@@ -232,7 +232,7 @@ def _check_checksums(report: dict, spans: dict, result: VerifyResult) -> None:
             result.checksums_checked += 1
 
 
-def _recompute(report: dict, spans: dict, source: Path, block_bytes: int, result: VerifyResult) -> None:
+def _recompute(report: dict, spans: dict, source: str | Path, block_bytes: int, result: VerifyResult) -> None:
     """Recompute each transferred tensor from the source with its recorded recipe and compare bytes."""
     import torch
 

@@ -49,7 +49,7 @@ def gpt2(tmp_path_factory) -> Path:
 
 def readme_example(source: Path, output: Path, sizes: dict) -> dict:
     """Run the README's code block as written, with its paths and sizes replaced; returns its names."""
-    section = README.read_text().split("## The guide's Python API", 1)[1].split("\n## ", 1)[0]
+    section = README.read_text().split("## The Python conversion API", 1)[1].split("\n## ", 1)[0]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     replacements = {'"llama-7b/"': repr(str(source)), '"mmrec-7b/"': repr(str(output))}
     replacements.update({f"{k}={v}": f"{k}={sizes[k]}" for k, v in README_SIZES.items()})

@@ -121,6 +121,15 @@ def test_https_directory_gives_the_bytes_of_a_local_conversion_fetching_each_byt
     assert {k: merged(v) for k, v in fetched.items()} == {k: merged(v) for k, v in needed.items()}  # ...nor left out
 
 
+def test_verify_recomputes_from_a_url_source(www, local, tmp_path):
+    """`mmrec verify OUT --source URL` recomputes every transferred tensor from the remote source."""
+    with serve_directory(www) as server:
+        result = run_cli("verify", local, "--source", f"{server.url}/llama/", "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    verdict = json.loads(result.stdout)
+    assert verdict["ok"] and verdict["recomputed"] > 0
+
+
 def test_hub_urls_send_the_token_to_the_hub_only_and_never_show_it(www, local, tmp_path):
     hub, cdn = serve_hub(www, token=TOKEN)
     with hub, cdn:
