@@ -372,7 +372,7 @@ PRESET_ORDER = ["tiny", "small", "1b", "7b", "13b"]
 LABELS = {"cp": "cp -r + sync", "load_all": "load everything (load_file all, save_file)",
           "per_shard": "per shard (load_file + save_file)", "ours": "mmrec shard-convert",
           "workers2": "mmrec shard-convert --workers 2", "ours_guide": "mmrec shard-convert --init guide",
-          "before": "mmrec shard-convert, engine before issue 12", "first_byte": "first byte written (strace)", "ours_cap": "mmrec shard-convert, 2 GiB cgroup cap",
+          "before": "mmrec shard-convert, engine at cd84bed (before the speed-up)", "first_byte": "first byte written (strace)", "ours_cap": "mmrec shard-convert, 2 GiB cgroup cap",
           "meta_cp": "Meta source: cp -r + sync", "meta_ours": "Meta source: mmrec shard-convert"}
 def label(name: str) -> str:
     base, _, rep = name.partition("#")

@@ -1,4 +1,4 @@
-"""Issue 16: a converted MM-Rec through transformers on a GPU.
+"""A converted MM-Rec through transformers on a GPU (docs/hf.md).
 
 For each model directory: load it with AutoModelForCausalLM.from_pretrained(dir, torch_dtype=bfloat16,
 device_map="auto"), generate greedily through transformers (the recurrent state as its cache), and record

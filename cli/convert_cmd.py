@@ -13,7 +13,7 @@ from .plan_options import (DEFAULT_INIT_MODE, FLAG, SIZE_NAMES, Debug, Dtype, Ff
                            LayerMap, LayerMapAlias, Mapping, MappingFile, MappingFileAlias, ModelDim, ModelDimAlias,
                            NoInitializeNew, NoInitializeNewAlias, NumHeads, NumHeadsAlias, NumLayers, NumLayersAlias,
                            Seed, Strict, VocabSize, VocabSizeAlias, check_plan_options, check_size_option,
-                           merge_guide_spellings, recheck_sizes_for_source)
+                           merge_underscore_aliases, recheck_sizes_for_source)
 
 
 def shard_convert(
@@ -80,7 +80,7 @@ def shard_convert(
     for option, value in (("--threads", threads), ("--workers", workers)):
         if value is not None and value < 1:
             raise fail(f"{option} must be at least 1, got {value}", EXIT_USAGE)
-    merged = merge_guide_spellings(locals())
+    merged = merge_underscore_aliases(locals())
     sizes = {name: merged[name] for name in SIZE_NAMES}
     no_initialize_new, mapping_file = merged["no_initialize_new"], merged["mapping_file"]
     layer_map = merged["layer_map"] or "first"

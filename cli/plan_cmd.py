@@ -9,7 +9,7 @@ from .plan_options import (DEFAULT_INIT_MODE, FLAG, SIZE_NAMES, Debug, Dtype, Ff
                            LayerMap, LayerMapAlias, Mapping, MappingFile, MappingFileAlias, ModelDim, ModelDimAlias,
                            NoInitializeNew, NoInitializeNewAlias, NumHeads, NumHeadsAlias, NumLayers, NumLayersAlias,
                            Seed, Strict, VocabSize, VocabSizeAlias, check_plan_options, check_sizes_for_source,
-                           merge_guide_spellings)
+                           merge_underscore_aliases)
 
 
 def plan(source: str = typer.Argument(..., metavar="SOURCE",
@@ -27,7 +27,7 @@ def plan(source: str = typer.Argument(..., metavar="SOURCE",
          no_initialize_new_: NoInitializeNewAlias = False, mapping_file_: MappingFileAlias = None,
          layer_map_: LayerMapAlias = None):
     """Plan a conversion to MM-Rec and print its summary (no tensor data is read)."""
-    merged = merge_guide_spellings(locals())
+    merged = merge_underscore_aliases(locals())
     overrides = {name: merged[name] for name in SIZE_NAMES}
     no_initialize_new, mapping_file = merged["no_initialize_new"], merged["mapping_file"]
     layer_map = merged["layer_map"] or "first"

@@ -74,13 +74,13 @@ MappingFileAlias = _alias("mapping_file", Optional[Path])
 LayerMapAlias = _alias("layer_map", Optional[str])
 
 
-GUIDE_SPELLINGS = (*SIZE_NAMES, "no_initialize_new", "mapping_file", "layer_map")  # options with a hidden alias
+UNDERSCORE_ALIASES = (*SIZE_NAMES, "no_initialize_new", "mapping_file", "layer_map")  # options with a hidden alias
 
 
-def merge_guide_spellings(params: dict[str, Any]) -> dict[str, Any]:
-    """One value for each option of GUIDE_SPELLINGS: `params` are a command's parameters (its `locals()`),
+def merge_underscore_aliases(params: dict[str, Any]) -> dict[str, Any]:
+    """One value for each option of UNDERSCORE_ALIASES: `params` are a command's parameters (its `locals()`),
     each option `name` beside its hidden alias `name_`; both given with different values is exit 2."""
-    return {name: merge_alias(name, params[name], params[name + "_"]) for name in GUIDE_SPELLINGS}
+    return {name: merge_alias(name, params[name], params[name + "_"]) for name in UNDERSCORE_ALIASES}
 
 
 def merge_alias(name: str, value: Any, alias: Any) -> Any:

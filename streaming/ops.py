@@ -22,7 +22,8 @@ import dataclasses
 import math
 from typing import Any, Callable, ClassVar
 
-from mmrec.safetensors_format import torch_dtype
+from mmrec.messages import short
+from mmrec.safetensors_format import CODE_TO_TORCH_NAME, torch_dtype
 
 READ_BLOCK_BYTES = 32 << 20   # source bytes read at once inside a transpose
 MEAN_BLOCK_BYTES = 16 << 20   # fixed (shape-derived) blocks for the padding mean: deterministic order
@@ -73,9 +74,6 @@ class Op:
     def skipped_rows(self) -> int | None:
         return None
 
-    def to_dict(self) -> dict:
-        return {"op": self.name, **dataclasses.asdict(self)}
-
 
 OPS: dict[str, type[Op]] = {}
 
@@ -95,9 +93,28 @@ def parse_op(spec: dict) -> Op:
     missing = [f.name for f in fields if f.name not in spec and f.default is dataclasses.MISSING]
     if missing:
         raise ValueError(f"transform {name!r} needs {', '.join(missing)}")
+    for f in fields:
+        if f.name in spec and not _FIELD_KINDS[f.type][0](spec[f.name]):
+            raise ValueError(f"transform {name!r}: {f.name} must be {_FIELD_KINDS[f.type][1]}, got "
+                             f"{short(spec[f.name])}")
     op = cls(**{f.name: spec[f.name] for f in fields if f.name in spec})
     op.check()
     return op
+
+
+# What each field type of an op accepts (a mapping file or a report read back may hold anything).
+_FIELD_KINDS = {
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "a whole number"),
+    "float": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+              "a finite number"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+}
+
+
+def _at_least(op: Op, minimum: int, *names: str) -> None:
+    for name in names:
+        if getattr(op, name) < minimum:
+            raise ValueError(f"transform {op.name!r}: {name} must be at least {minimum}, got {getattr(op, name)}")
 
 
 def _heads(rows: int, heads: int, what: str) -> int:
@@ -172,6 +189,9 @@ class SliceRows(Op):
     start: int
     stop: int
 
+    def check(self):
+        _at_least(self, 0, "start", "stop")
+
     def out_shape(self, shape):
         if not 0 <= self.start <= self.stop <= shape[0]:
             raise ValueError(f"slice_rows [{self.start}, {self.stop}) is outside {shape[0]} rows")
@@ -215,6 +235,10 @@ class Cast(Op):
     keeps_meaning: ClassVar[bool] = True
     dtype: str
 
+    def check(self):
+        if self.dtype not in CODE_TO_TORCH_NAME:
+            raise ValueError(f"transform 'cast': unknown dtype {short(self.dtype)}")
+
     def apply(self, src, context, key):
         dt = torch_dtype(self.dtype)
         return Rows(src.shape, lambda a, b: src.rows(a, b).to(dt))
@@ -231,6 +255,7 @@ class PadRows(Op):
     fill: str = "mean"
 
     def check(self):
+        _at_least(self, 0, "rows")
         if self.fill not in ("mean", "zeros"):
             raise ValueError("pad_rows fill must be 'mean' or 'zeros'")
 
@@ -280,6 +305,9 @@ class RepeatKvHeads(Op):
     num_kv_heads: int
     num_heads: int
 
+    def check(self):
+        _at_least(self, 1, "num_kv_heads", "num_heads")
+
     def out_shape(self, shape):
         hd = _heads(shape[0], self.num_kv_heads, self.name)
         if self.num_heads % self.num_kv_heads:
@@ -301,6 +329,9 @@ class RotaryMetaToHf(Op):
     name: ClassVar[str] = "rotary_meta_to_hf"
     gathers: ClassVar[bool] = True
     num_heads: int
+
+    def check(self):
+        _at_least(self, 1, "num_heads")
 
     def out_shape(self, shape):
         if _heads(shape[0], self.num_heads, self.name) % 2:
@@ -324,6 +355,11 @@ class TakeHeads(Op):
     num_heads: int
     parts: int
     part: int
+
+    def check(self):
+        _at_least(self, 1, "num_heads", "parts")
+        if not 0 <= self.part < self.parts:
+            raise ValueError(f"transform 'take_heads': part {self.part} is not one of the {self.parts} parts")
 
     def out_shape(self, shape):
         per = _heads(shape[0], self.num_heads * self.parts, self.name)

@@ -188,7 +188,11 @@ class OutputState:
                     raise
                 if (self.path / "run.json").exists():
                     return self._complete_shards(shard_names)
-                # no run recorded yet (stopped right after taking the lock): this run starts the state
+                # no run recorded yet (stopped right after taking the lock): this run starts the state, and
+                # like an --overwrite removes what an earlier conversion left (the stop may have come first)
+                for path in self.stale_outputs(aux_names):
+                    if path.is_file():
+                        path.unlink()
             else:
                 self._lock()  # --overwrite; held from here on: nobody else can start on this output meanwhile
                 for path in self.stale_outputs(aux_names):

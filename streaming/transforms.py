@@ -26,6 +26,19 @@ def check_ops(ops: list[dict]) -> None:
         parse_op(op)
 
 
+def check_recipe(tp) -> None:
+    """ValueError when a plan's recipe (e.g. one read back from a report) names an unknown op or gives an op
+    a field of the wrong kind; a product checks both of its operand chains."""
+    ops = tp.transforms if isinstance(tp.transforms, list) else [tp.transforms]
+    first = ops[0] if ops else None
+    if isinstance(first, dict) and first.get("op") == PRODUCT_OP:
+        for side in ("left", "right"):
+            chain = first.get(side)
+            check_ops(chain if isinstance(chain, list) else [chain])
+    else:
+        check_ops(ops)
+
+
 def infer_shape(ops: list[dict], shape: tuple[int, ...]) -> tuple[int, ...]:
     """The shape after applying ops to a tensor of `shape`; ValueError when an op does not fit."""
     shape = tuple(shape)

@@ -234,10 +234,8 @@ def _check_checksums(report: dict, spans: dict, result: VerifyResult) -> None:
 
 def _recompute(report: dict, spans: dict, source: str | Path, block_bytes: int, result: VerifyResult) -> None:
     """Recompute each transferred tensor from the source with its recorded recipe and compare bytes."""
-    import torch
-
     from .sources import open_source
-    from .transforms import materialize_rows, rows_per_block
+    from .transforms import check_recipe
 
     catalog = open_source(source)
     seed = report.get("seed", 0)
@@ -246,20 +244,39 @@ def _recompute(report: dict, spans: dict, source: str | Path, block_bytes: int, 
             continue
         try:
             plan = TensorPlan.from_dict({"name": name, **entry})
+            check_recipe(plan)
         except (KeyError, TypeError, ValueError) as exc:
             result.problems.append(f"tensor '{name}': its recipe in the report is not valid ({exc}); "
                                    "cannot recompute it")
             continue
-        file, span = spans[name]
-        rows, row_bytes = rows_of(plan.shape, span.nbytes)
-        step = rows_per_block(plan, block_bytes)
-        with open(file, "rb") as f:
-            for start in range(0, rows, step):
-                stop = min(rows, start + step)
-                expected = materialize_rows(plan, catalog, start, stop, seed).reshape(-1).view(torch.uint8)
-                f.seek(span.start + start * row_bytes)
-                if f.read((stop - start) * row_bytes) != expected.numpy().tobytes():
-                    result.problems.append(f"tensor '{name}' rows {start}-{stop}: differ from the source "
-                                           f"recomputed through its recipe")
-                    break
+        missing = [s for s in plan.sources if s not in catalog.tensors]
+        if missing:
+            result.problems.append(f"tensor '{name}': the source {source} has no tensor '{missing[0]}' that its "
+                                   "recipe reads (another source than the conversion's?)")
+            continue
+        try:
+            _compare_rows(plan, catalog, spans[name], seed, block_bytes, result)
+        except (KeyError, TypeError, ValueError) as exc:  # a recipe that does not fit this source's tensors
+            result.problems.append(f"tensor '{name}': cannot recompute it from {source} ({exc})")
+            continue
         result.recomputed += 1
+
+
+def _compare_rows(plan: TensorPlan, catalog, stored, seed: int, block_bytes: int, result: VerifyResult) -> None:
+    """Recompute `plan`'s rows block by block and compare them with the bytes stored at `stored`."""
+    import torch
+
+    from .transforms import materialize_rows, rows_per_block
+
+    file, span = stored
+    rows, row_bytes = rows_of(plan.shape, span.nbytes)
+    step = rows_per_block(plan, block_bytes)
+    with open(file, "rb") as f:
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            expected = materialize_rows(plan, catalog, start, stop, seed).reshape(-1).view(torch.uint8)
+            f.seek(span.start + start * row_bytes)
+            if f.read((stop - start) * row_bytes) != expected.numpy().tobytes():
+                result.problems.append(f"tensor '{plan.name}' rows {start}-{stop}: differ from the source "
+                                       f"recomputed through its recipe")
+                return

@@ -1,6 +1,6 @@
 """The README's guide-API example builds the model the conversion needs: real checkpoints written by
 transformers, the example's code as the README has it, compared with `mmrec shard-convert` +
-MMRecModel.from_pretrained; a model built the guide's old way is refused in one line."""
+MMRecModel.from_pretrained; a model built with the config defaults (the original API's way) is refused in one line."""
 
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ def test_readme_example_gives_from_pretrained_logits(llama, tmp_path):
 
 
 def test_the_guides_default_model_is_refused_before_anything_is_written(llama, tmp_path):
-    model = MMRecModel(**SIZES)  # the guide's example: GELU, ungated, tied
+    model = MMRecModel(**SIZES)  # the original API's example: GELU, ungated, tied
     output = tmp_path / "mmrec"
     with pytest.raises(TargetModelError) as caught:
         convert_model_weights(llama, model, output_path=output, strict=False, initialize_new=True)

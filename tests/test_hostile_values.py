@@ -336,3 +336,28 @@ def test_verify_source_refuses_a_report_recipe_it_cannot_read(sharded_output, fa
     assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output and "internal error" not in result.output
     assert name in result.output
+
+
+def test_verify_against_another_source_lists_problems_not_an_internal_error(sharded_output, family_checkpoints):
+    """A wrong --source (another family: other tensor names, other shapes) is a list of problems naming it."""
+    result = runner.invoke(app, ["verify", str(sharded_output), "--source", str(family_checkpoints["gpt2"])])
+    assert result.exit_code == 1, result.output
+    assert "internal error" not in result.output and "Traceback" not in result.output
+    assert "cannot recompute" in result.output or "has no tensor" in result.output, result.output
+
+
+@pytest.mark.parametrize("op,fragment", [
+    ({"op": "slice_rows", "start": "0", "stop": 10}, "start must be a whole number"),
+    ({"op": "take_heads", "num_heads": 2, "parts": 2, "part": 5}, "part 5 is not one of the 2 parts"),
+    ({"op": "pad_rows", "rows": -1}, "rows must be at least 0"),
+    ({"op": "add", "value": 1e400}, "value must be a finite number"),
+    ({"op": "cast", "dtype": "F12"}, "unknown dtype"),
+])
+def test_a_mapping_file_op_with_an_impossible_field_is_one_line(family_checkpoints, tmp_path, op, fragment):
+    mapping = tmp_path / "map.json"
+    mapping.write_text(json.dumps({"mappings": [{"target": "embedding.weight", "role": "embed",
+                                                 "transforms": [op]}]}).replace("Infinity", "1e400"))
+    result = runner.invoke(app, ["plan", str(family_checkpoints["llama"]), "--mapping-file", str(mapping)])
+    assert result.exit_code in (1, 2), result.output
+    line = one_error_line(result)
+    assert fragment in line and "map.json" in line, line

@@ -138,7 +138,7 @@ def test_every_transferred_tensor_matches_a_hand_conversion(family, mapping, fam
 def test_self_attend_init_is_ten_times_o_proj_times_v_proj(family, family_models):
     """--init self-attend (the default): W_v = 10 · o · v (k/v heads repeated), the other residual paths
     of the new mixer start at zero (the memory attention's W_o too, even where the mapping copies o_proj),
-    and every other mapped tensor is as the guide's init leaves it."""
+    and every other mapped tensor is as the `guide` init mode leaves it."""
     model = family_models[family]
     catalog = open_source(model.path)
     guide = build_plan(catalog, analyze(catalog), init="guide")

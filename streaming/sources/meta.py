@@ -59,7 +59,7 @@ def _join(name, dtype, slices, files, params) -> SourceTensor:
     pieces = tuple(s[2] for s in slices)
     if len(slices) == 1:
         return SourceTensor(name, name, dtype, shapes[0], pieces, None)
-    dim = _join_dim(name, shapes, params)
+    dim = _join_dim(name, shapes, params, files[0].parent)
     if dim is None:  # a repeated tensor
         if any(s != shapes[0] for s in shapes):
             raise SourceError(f"{files[0].parent}: tensor '{name}' should be repeated in every shard but its "
@@ -74,10 +74,10 @@ def _join(name, dtype, slices, files, params) -> SourceTensor:
     return SourceTensor(name, name, dtype, tuple(shape), pieces, dim)
 
 
-def _join_dim(name: str, shapes, params) -> int | None:
+def _join_dim(name: str, shapes, params, where) -> int | None:
     if name == "tok_embeddings.weight":
         if any(len(s) != 2 for s in shapes):
-            raise SourceError(f"Meta checkpoint: tensor '{name}' should be 2-D in every shard, has shapes "
+            raise SourceError(f"{where}: Meta tensor '{name}' should be 2-D in every shard, has shapes "
                               f"{[list(s) for s in shapes]}")
         # LLaMA 1/2 split the embedding's columns (ParallelEmbedding); LLaMA 3 splits the vocabulary
         # (VocabParallelEmbedding), leaving every slice full width.
@@ -89,5 +89,5 @@ def _join_dim(name: str, shapes, params) -> int | None:
         return None
     if all(s == shapes[0] for s in shapes) and len(shapes[0]) <= 1:
         return None  # an unlisted vector that every shard holds whole: a copy
-    raise SourceError(f"Meta checkpoint: don't know how tensor '{name}' is split across shards "
+    raise SourceError(f"{where}: don't know how Meta tensor '{name}' is split across shards "
                       f"(shapes {[list(s) for s in shapes]})")
