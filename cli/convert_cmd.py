@@ -86,7 +86,7 @@ def shard_convert(
     layer_map = merged["layer_map"] or "first"
     check_plan_options(mapping, layer_map, dtype, sizes, init)
     overrides = {k: v for k, v in sizes.items() if v is not None}
-    with clean_errors(debug):
+    with clean_errors(debug, resumable=True):
         from mmrec.streaming.convert import ConvertOptions, convert, make_plan
         from mmrec.streaming.plan.model import PlanError
         from mmrec.streaming.report import build_report, summary_text

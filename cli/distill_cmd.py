@@ -83,7 +83,7 @@ def distill(
             print(f"{where} step {record['step']}/{record['steps']}  loss {record['loss']:.4f}  "
                   f"{record['tokens_per_s']:,.0f} tok/s  ETA {record['eta_s']:.0f}s", file=sys.stderr, flush=True)
 
-    with clean_errors(debug):
+    with clean_errors(debug, resumable=True):
         if not quiet and sys.stderr.isatty():  # torch, transformers and the models take seconds: say so
             print(f"loading {teacher} (teacher) and {student} (student) ...", file=sys.stderr, flush=True)
         from mmrec.streaming.distill.run import DistillOptions, DistillRefused

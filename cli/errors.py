@@ -36,8 +36,9 @@ def _one_line(text: str) -> str:
 
 
 @contextlib.contextmanager
-def clean_errors(debug: bool = False):
-    """Turn exceptions into one line on stderr and an exit code (a traceback with --debug)."""
+def clean_errors(debug: bool = False, resumable: bool = False):
+    """Turn exceptions into one line on stderr and an exit code (a traceback with --debug). `resumable`: the
+    command has a --resume, so a write failure's line says to fix the cause and rerun with it."""
     from mmrec.streaming.graph import SchedulerError
     from mmrec.streaming.output import OutputRefused
 
@@ -61,7 +62,8 @@ def clean_errors(debug: bool = False):
         if debug:
             raise
         where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
-        hint = "; fix the cause and rerun with --resume to continue" if exc.errno in RESUMABLE_ERRNOS else ""
+        hint = ("; fix the cause and rerun with --resume to continue"
+                if resumable and exc.errno in RESUMABLE_ERRNOS else "")
         raise fail(_one_line(f"{where}{exc.strerror or exc}{hint}"), EXIT_WRITE) from None
     except (ValueError, RecursionError) as exc:  # SourceError, PlanError, ConfigError, CheckpointError, ...
         if debug:

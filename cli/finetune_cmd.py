@@ -115,7 +115,7 @@ def finetune(
             line += f"  held-out {record['eval_loss']:.4f}"
         print(line, file=sys.stderr, flush=True)
 
-    with clean_errors(debug):
+    with clean_errors(debug, resumable=True):
         if not quiet and sys.stderr.isatty():  # torch and the model take seconds: say so at a terminal
             print(f"loading {checkpoint} ...", file=sys.stderr, flush=True)
         from mmrec.training.finetune import FinetuneOptions, FinetuneRefused

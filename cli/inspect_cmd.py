@@ -33,11 +33,12 @@ def inspect(source: str = typer.Argument(..., metavar="SOURCE",
     with clean_errors(debug):
         catalog = open_source(source)
         analysis = analyze(catalog)
+        aux_files = list(catalog.aux_files)  # for a URL source: probed here, where a server failure is one line
     data = analysis.to_dict()
     if json_output:
         data["source"] = str(catalog.root)
         data["num_tensors"] = len(catalog.tensors)
-        data["aux_files"] = [str(p) for p in catalog.aux_files]
+        data["aux_files"] = [str(p) for p in aux_files]
         print(json.dumps(data))
         return
     from rich.console import Console
@@ -58,6 +59,6 @@ def inspect(source: str = typer.Argument(..., metavar="SOURCE",
         table.add_row(label, Text(escape(text)))
     table.add_row("tensors", str(len(catalog.tensors)))
     table.add_row("files", Text("\n".join(escape(Path(f).name) for f in analysis.files)))
-    if catalog.aux_files:
-        table.add_row("copied files", Text(escape(", ".join(p.name for p in catalog.aux_files))))
+    if aux_files:
+        table.add_row("copied files", Text(escape(", ".join(p.name for p in aux_files))))
     Console().print(table)

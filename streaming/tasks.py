@@ -9,7 +9,6 @@ import errno
 import functools
 import mmap
 import os
-import sys
 import threading
 
 from .checksums import PieceHasher, combine, piece_rows
@@ -31,10 +30,13 @@ def worker_catalog(source: str, fingerprint: str):
         cached = _catalogs.get(source)
         if cached is not None and cached[0] == fingerprint:
             return cached[1]
-        from .sources import SourceError, open_source
+        from .sources import SourceError, open_source, remote_url
 
-        remote = sys.modules.get("mmrec.streaming.sources.remote")  # imported only if a URL was opened here
-        catalog = remote.opened_catalog(fingerprint) if remote is not None else None
+        catalog = None
+        if remote_url(source):  # only a URL imports the HTTP code (open_source would import it anyway)
+            from .sources.remote import opened_catalog
+
+            catalog = opened_catalog(fingerprint)
         if catalog is None:
             catalog = open_source(source)
         if catalog.fingerprint() != fingerprint:
@@ -194,7 +196,9 @@ def _copy_range(task: WriteTask, dst_fd: int, hasher: PieceHasher) -> None:
     first = src_start + task.row_start * task.row_bytes
     if task.nbytes == 0:
         return
-    if src_path.startswith(("http://", "https://")):  # a remote source: no map, stream it from the server
+    from .sources.paths import remote_url
+
+    if remote_url(src_path):  # a remote source (any case of the scheme): no map, stream it from the server
         _copy_from_server(task, first, dst_fd, hasher)
         return
     with naming_os_errors(src_path):  # errors of the source name the source, not the shard

@@ -240,3 +240,40 @@ def test_inspect_and_plan_read_only_headers_from_a_url(www):
     assert remote == local_inspect
     assert json.loads(planned.stdout)["source_analysis"]["model_type"] == "llama"
     assert weight_gets and all(r.range[1] < 4096 for r in weight_gets)  # length + header of each file, twice
+
+
+def test_an_upper_case_scheme_converts_like_a_lower_case_one(www, local, tmp_path):
+    """`HTTP://...` is a URL (paths.remote_url) everywhere, write tasks included: no "No such file"."""
+    with serve_directory(www) as server:
+        out = tmp_path / "out"
+        result = run_cli("shard-convert", "--source", f"{server.url.upper()}/llama/", "--output", out,
+                         "--max-shard-size", SHARD, "-q")
+    assert result.returncode == 0, result.stderr
+    assert output_bytes(out) == output_bytes(local)
+
+
+def test_a_server_failing_on_tokenizer_files_is_bad_input_without_a_resume_hint(www, tmp_path):
+    from test_remote_servers import RangeHandler, Server
+
+    class FailsTokenizerFiles(RangeHandler):
+        def serve(self, head: bool) -> None:
+            if "tokenizer" in self.path:
+                return self.answer(self.path, 503, b"down\n")
+            super().serve(head)
+
+    with Server(FailsTokenizerFiles, "static", root=www) as server:
+        result = run_cli("shard-convert", "--source", f"{server.url}/llama/", "--output", tmp_path / "out",
+                         env={"MMREC_HTTP_RETRIES": "1"})
+    line = one_error_line(result)  # probed before the output is touched: nothing to resume, exit 1 (not 4)
+    assert result.returncode == 1 and "--resume" not in line and not (tmp_path / "out").exists(), line
+    assert line.startswith(f"error: {server.url}/llama/tokenizer") and "cannot read from the server" in line
+
+
+def test_an_outage_during_verify_gives_no_resume_hint(www, local):
+    """A network failure after cataloging is exit 4, but `verify` has no --resume to suggest."""
+    with serve_directory(www) as server:
+        server.down_after = 6  # the 3 files' headers (2 reads each), then 503s
+        result = run_cli("verify", local, "--source", f"{server.url}/llama/", env={"MMREC_HTTP_RETRIES": "1"})
+    line = one_error_line(result)
+    assert result.returncode == 4 and "cannot read from the server: HTTP 503" in line, line
+    assert "--resume" not in line

@@ -4,9 +4,11 @@ bounded time and memory, whatever the server claims. In-process (open_source / H
 from __future__ import annotations
 
 import errno
+import os
 import struct
 import time
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import pytest
 
@@ -161,6 +163,8 @@ def test_a_redirect_loop_is_cut(checkpoint):
     ("hf://a/b/c", "expected hf://org/name or hf://org/name@revision"),
     ("hf://org/name@", "the revision after '@' is empty"),
     ("http://example.com:port/ckpt/", "not a valid port"),
+    ("https://example.com/d\u00edr/", "percent-encode them"),
+    ("HTTPS://example.com/a b/", "percent-encode them"),
 ])
 def test_bad_urls_are_refused_before_any_request(url, fragment):
     message = error_of(url)
@@ -202,3 +206,80 @@ def test_a_server_refusing_head_is_probed_with_a_one_byte_get(checkpoint):
         assert open(catalog.aux_files[0]).read() == '{"version": "1.0"}'  # fetched when first opened
     assert sorted(catalog.tensors) == ["a", "b"]
     assert catalog.read("b").tolist() == [[1.0] * 8] * 8
+
+
+class RedirectsToASpace(RangeHandler):
+    def serve(self, head: bool) -> None:
+        self.answer(self.path, 302, b"", {"Location": "/a b/model.safetensors"})
+
+
+def test_a_url_http_cannot_request_is_refused_once_not_retried(checkpoint, monkeypatch):
+    monkeypatch.setenv("MMREC_HTTP_RETRIES", "5")
+    monkeypatch.setenv("MMREC_HTTP_BACKOFF", "1")  # a retry would take seconds
+    with serving(RedirectsToASpace, checkpoint.parent) as server:
+        started = time.monotonic()
+        message = error_of(f"{server.url}/ckpt/model.safetensors")
+        assert len(server.log) == 1 and time.monotonic() - started < 1
+    assert message.startswith(f"{server.url}/ckpt/config.json (redirected to {server.url}/a b/model.safetensors): "
+                              "not a URL HTTP can request"), message
+
+
+class DeniesMissing(RangeHandler):
+    """An object store (S3, R2) without credentials: 403 for a key that is not there, not 404."""
+
+    def route(self, path: str):
+        file = super().route(path)
+        return file if file.is_file() else None
+
+    def serve(self, head: bool) -> None:
+        path = unquote(urlsplit(self.path).path)
+        if self.route(path) is None:
+            return self.answer(path, 403, b"<Error><Code>AccessDenied</Code></Error>")
+        super().serve(head)
+
+
+def test_a_403_for_a_missing_optional_file_means_absent_without_a_token(checkpoint, monkeypatch):
+    """No index, config or tokenizer file: each answered 403 (no token was sent), each taken as absent;
+    a 403 for the weights themselves still says access denied, and that no token went to this server."""
+    monkeypatch.setenv("HF_TOKEN", "hf_notForThisServer")
+    monkeypatch.setenv("HF_ENDPOINT", "ftp://malformed")  # only hf:// sources read it
+    (checkpoint / "tokenizer.json").write_text('{"version": "1.0"}')
+    (checkpoint.parent / "empty").mkdir()
+    with serving(DeniesMissing, checkpoint.parent) as server:
+        catalog = open_source(f"{server.url}/ckpt/")
+        assert sorted(catalog.tensors) == ["a", "b"] and catalog.config is None
+        assert [p.name for p in catalog.aux_files] == ["tokenizer.json"]
+        message = error_of(f"{server.url}/empty/")
+        assert all(r.authorization is None for r in server.log)
+    assert message == (f"{server.url}/empty/model.safetensors: access denied (HTTP 403); no token was sent to this "
+                       "server (HF_TOKEN goes only to the Hugging Face endpoint, for hf:// sources)")
+
+
+class FailsTokenizerFiles(RangeHandler):
+    def serve(self, head: bool) -> None:
+        if "tokenizer" in self.path:
+            return self.answer(self.path, 503, b"down\n")
+        super().serve(head)
+
+
+def test_a_server_failing_while_probing_copied_files_is_bad_input(checkpoint):
+    with serving(FailsTokenizerFiles, checkpoint.parent) as server:
+        catalog = open_source(f"{server.url}/ckpt/")
+        with pytest.raises(SourceError) as caught:  # not an OSError: that would be a write failure, exit 4
+            catalog.aux_files
+    message = str(caught.value)
+    assert message.startswith(f"{server.url}/ckpt/tokenizer") and "cannot read from the server: HTTP 503" in message
+
+
+def test_a_local_write_error_while_downloading_a_copied_file_is_not_retried(checkpoint, tmp_path):
+    (checkpoint / "tokenizer.json").write_bytes(b"x" * 100_000)  # over the write buffer: the sink writes
+    with serving(RangeHandler, checkpoint.parent) as server:
+        catalog = open_source(f"{server.url}/ckpt/")
+        (aux,) = catalog.aux_files
+        local = os.path.join(aux._downloads.dir, "tokenizer.json")
+        os.symlink("/dev/full", local)  # every write: ENOSPC
+        with pytest.raises(OSError) as caught:
+            os.fspath(aux)
+        fetches = [r for r in server.requests("GET", "tokenizer.json") if r.range != (0, 0)]
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == local
+    assert len(fetches) == 1  # a local failure is not a network one: no retry

@@ -122,13 +122,6 @@ def _drop_connection(url: str) -> None:
         conn.close()
 
 
-def close_connections() -> None:
-    """Close this thread's connections (the others close with their threads)."""
-    for conn in getattr(_local, "conns", {}).values():
-        conn.close()
-    _local.conns = {}
-
-
 class HttpFile:
     """A file at a URL. Picklable (a dask worker gets its own connections); the token is never stored:
     it is read from HF_TOKEN for each request and sent only to `token_origin`."""
@@ -153,12 +146,13 @@ class HttpFile:
         return f"HttpFile({self.url!r})"
 
     # -- what callers use -------------------------------------------------------------------------
-    def exists(self) -> bool:
+    def exists(self, denied_ok: bool = False) -> bool:
         """Whether the file is there (404: False); records its size and identity. Asks for its first byte
         rather than a HEAD: range GETs are what a source must support anyway, while a HEAD may be refused
-        (405) or not be covered by a redirect's signed URL (403)."""
+        (405) or not be covered by a redirect's signed URL (403). With denied_ok, a 401/403 to a request
+        that carried no token is False too: object stores (S3, R2) answer 403 for a key that is not there."""
         def attempt():
-            response = self._send("GET", {"Range": "bytes=0-0"}, missing_ok=True)
+            response = self._send("GET", {"Range": "bytes=0-0"}, missing_ok=True, denied_ok=denied_ok)
             if response is None:
                 return False
             try:
@@ -174,11 +168,11 @@ class HttpFile:
             raise RemoteError(f"{self.url}: not found (HTTP 404)")
         return self.identity.size
 
-    def fetch_whole(self, limit: int, missing_ok: bool = False) -> bytes | None:
+    def fetch_whole(self, limit: int, missing_ok: bool = False, denied_ok: bool = False) -> bytes | None:
         """The whole file (a config or index: small), refusing one over `limit` bytes before reading it.
-        None when missing_ok and the server says 404."""
+        None when missing_ok and the server says 404 (with denied_ok also a tokenless 401/403, as exists())."""
         def attempt():
-            response = self._send("GET", {}, missing_ok=missing_ok)
+            response = self._send("GET", {}, missing_ok=missing_ok, denied_ok=denied_ok)
             if response is None:
                 return None
             try:
@@ -286,9 +280,10 @@ class HttpFile:
             delay = max(delay, min(retry_after, MAX_RETRY_AFTER))
         time.sleep(delay)
 
-    def _send(self, method: str, headers: dict, missing_ok: bool = False):
+    def _send(self, method: str, headers: dict, missing_ok: bool = False, denied_ok: bool = False):
         """One request, following redirects; returns a response with a 2xx or 416 status. 404 is None
-        with missing_ok; other refusals raise RemoteError; retryable answers raise _Transient."""
+        with missing_ok, and so is a 401/403 to a request without a token with denied_ok; other refusals
+        raise RemoteError; retryable answers raise _Transient."""
         config = settings()
         url = self.url
         for _ in range(MAX_REDIRECTS + 1):
@@ -296,9 +291,17 @@ class HttpFile:
             target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
             sent = dict(headers)
             token = os.environ.get(TOKEN_ENV)
-            if token and self.token_origin is not None and origin(url) == self.token_origin:
+            token_sent = bool(token) and self.token_origin is not None and origin(url) == self.token_origin
+            if token_sent:
                 sent["Authorization"] = f"Bearer {_checked_token(token)}"
-            response = self._exchange(url, method, target, sent, config.timeout)
+            try:
+                response = self._exchange(url, method, target, sent, config.timeout)
+            except (http.client.InvalidURL, UnicodeError) as exc:  # not worth a retry: it never changes
+                _drop_connection(url)  # a request half started: the connection is not reused
+                where = self.url if url == self.url else f"{self.url} (redirected to {url[:200]})"
+                reason = "non-ASCII characters" if isinstance(exc, UnicodeError) else str(exc)[:200]
+                raise RemoteError(f"{where}: not a URL HTTP can request ({reason}); percent-encode "
+                                  "spaces, control and non-ASCII characters (%20, ...)") from None
             status = response.status
             if status in REDIRECTS:
                 location = response.getheader("Location")
@@ -317,7 +320,9 @@ class HttpFile:
                     return None
                 raise RemoteError(f"{self.url}: not found (HTTP {status})")
             if status in (401, 403):
-                raise RemoteError(f"{self.url}: access denied (HTTP {status}); {self._auth_hint()}")
+                if denied_ok and missing_ok and not token_sent:
+                    return None
+                raise RemoteError(f"{self.url}: access denied (HTTP {status}); {self._auth_hint(url, token_sent)}")
             if status in RETRY_STATUSES:
                 raise _Transient(f"HTTP {status} {response.reason}", _retry_after(response))
             raise RemoteError(f"{self.url}: the server answered HTTP {status} {response.reason}"[:300])
@@ -341,12 +346,13 @@ class HttpFile:
             return response
         raise AssertionError("unreachable")
 
-    def _auth_hint(self) -> str:
-        if self.token_origin is None:
-            return "no token is sent to this server (only HF_TOKEN to the Hugging Face endpoint)"
-        if os.environ.get(TOKEN_ENV):
+    def _auth_hint(self, url: str, token_sent: bool) -> str:
+        """Whether the refused request (`url`: this hop) carried the token, and what to do about it."""
+        if token_sent:
             return "the token in HF_TOKEN was sent and refused (is it valid, with access to this repository?)"
-        return "set HF_TOKEN to a token with access to this repository"
+        if self.token_origin is not None and origin(url) == self.token_origin:
+            return "no token was sent: set HF_TOKEN to a token with access to this repository"
+        return "no token was sent to this server (HF_TOKEN goes only to the Hugging Face endpoint, for hf:// sources)"
 
     @staticmethod
     def _release(response) -> None:

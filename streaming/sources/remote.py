@@ -9,6 +9,7 @@ read later, by the write tasks, as HTTP range requests (`RemoteCatalog.stream` f
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import re
@@ -61,6 +62,10 @@ def locate(url: str) -> tuple[str, str | None]:
     """(base URL ending in '/', the weight file named by the URL or None for a directory)."""
     if url.lower().startswith("hf://"):
         return _hub_base(url), None
+    if not url.isascii() or any(c.isspace() or not c.isprintable() for c in url):
+        # http.client would fail on it (UnicodeEncodeError, InvalidURL) only once a request is made
+        raise SourceError(f"{url[:200]}: a URL cannot hold spaces, control or non-ASCII characters; "
+                          "percent-encode them (a space as %20)")
     parts = urlsplit(url)
     if parts.username is not None or parts.password is not None:
         raise SourceError(f"{parts.scheme}://{parts.hostname}/...: credentials in a URL are refused (they would "
@@ -102,6 +107,15 @@ def _hub_base(url: str) -> str:
 def _torch_refusal(where: str) -> SourceError:
     return SourceError(f"{where}: PyTorch .bin/.pt/.pth checkpoints are not supported from a URL, only "
                        "safetensors; download it and convert the local copy")
+
+
+@contextlib.contextmanager
+def _server_errors(url: str):
+    """A server that cannot be read (retries spent, an OSError naming its URL) is bad input, exit 1."""
+    try:
+        yield
+    except OSError as exc:
+        raise SourceError(f"{exc.filename or url}: {exc.strerror or exc}") from None
 
 
 class RemoteCatalog(SourceCatalog):
@@ -163,15 +177,14 @@ def opened_catalog(fingerprint: str) -> RemoteCatalog | None:
 
 def open_remote(url: str) -> RemoteCatalog:
     """Catalog a remote safetensors checkpoint from its index, config.json and headers only."""
-    try:
+    with _server_errors(url):  # the server could not be read (retries spent): nothing was written, bad input
         return _open_remote(url)
-    except OSError as exc:  # the server could not be read (retries spent): nothing was written, bad input
-        raise SourceError(f"{exc.filename or url}: {exc.strerror or exc}") from None
 
 
 def _open_remote(url: str) -> RemoteCatalog:
     base, named = locate(url)
-    token_origin = origin(hf_endpoint())  # HF_TOKEN goes to the Hub endpoint and nowhere else
+    # HF_TOKEN goes to the Hub endpoint, for hf:// sources only, and nowhere else
+    token_origin = origin(hf_endpoint()) if url.lower().startswith("hf://") else None
 
     def remote(name: str) -> HttpFile:
         return HttpFile(str(RemotePath(base) / name), token_origin)
@@ -179,7 +192,9 @@ def _open_remote(url: str) -> RemoteCatalog:
     index = None
     if named is None or named.endswith(".index.json"):
         index_file = remote(named or INDEX_NAME)
-        data = index_file.fetch_whole(MAX_JSON_BYTES, missing_ok=named is None)
+        # probing a directory: a 401/403 without a token is "not there" (object stores answer 403 for a
+        # missing key); model.safetensors, probed next, gets no such leniency
+        data = index_file.fetch_whole(MAX_JSON_BYTES, missing_ok=named is None, denied_ok=named is None)
         if data is not None:
             index = (index_file, _parse_json(index_file.url, data))
     if index is not None:
@@ -191,7 +206,7 @@ def _open_remote(url: str) -> RemoteCatalog:
             raise _nothing_there(base, remote)
         files = {single.url: single}
     config_file = remote("config.json")
-    config_bytes = config_file.fetch_whole(MAX_JSON_BYTES, missing_ok=True)
+    config_bytes = config_file.fetch_whole(MAX_JSON_BYTES, missing_ok=True, denied_ok=True)
     config = None if config_bytes is None else _parse_json(config_file.url, config_bytes)
 
     with concurrent.futures.ThreadPoolExecutor(min(HEADER_THREADS, len(files))) as pool:
@@ -210,9 +225,9 @@ def _open_remote(url: str) -> RemoteCatalog:
 
 def _nothing_there(base: str, remote) -> SourceError:
     for name in TORCH_NAMES:
-        if remote(name).exists():
+        if remote(name).exists(denied_ok=True):
             return _torch_refusal(str(RemotePath(base) / name))
-    return SourceError(f"{base}: no {INDEX_NAME} or {SINGLE_NAME} there (HTTP 404 for both); a remote source "
+    return SourceError(f"{base}: no {INDEX_NAME} or {SINGLE_NAME} there (neither was found); a remote source "
                        "must be a safetensors checkpoint")
 
 
@@ -311,8 +326,20 @@ class _Downloads:
         if size > MAX_AUX_BYTES:
             raise SourceError(f"{file.url}: is {size} bytes, over the {MAX_AUX_BYTES}-byte limit for a copied file")
         path = os.path.join(self.dir, file.name)
-        with open(path, "wb") as f:
-            file.stream(0, size, f.write)
+
+        def write(view) -> None:
+            try:
+                f.write(view)
+            except OSError as exc:  # a local failure (disk full): named, so never retried as a network one
+                raise OSError(exc.errno, exc.strerror or str(exc), path) from exc
+
+        try:
+            with open(path, "wb") as f:
+                file.stream(0, size, write)
+        except OSError as exc:
+            if exc.filename is None:  # flush/close of the local copy
+                raise OSError(exc.errno, exc.strerror or str(exc), path) from exc
+            raise
         return path
 
 
@@ -321,8 +348,9 @@ def _probe_aux(catalog: RemoteCatalog) -> list[RemoteAuxFile]:
     token_origin = next(iter(catalog.http_files.values())).token_origin
     downloads = _Downloads(catalog)
     candidates = [HttpFile(str(catalog.root / n), token_origin) for n in TOKENIZER_FILES]
-    with concurrent.futures.ThreadPoolExecutor(HEADER_THREADS) as pool:
-        found = list(pool.map(HttpFile.exists, candidates))
+    with _server_errors(catalog.url), concurrent.futures.ThreadPoolExecutor(HEADER_THREADS) as pool:
+        # optional files: a 401/403 without a token means absent (object stores answer 403 for a missing key)
+        found = list(pool.map(lambda f: f.exists(denied_ok=True), candidates))
     return [RemoteAuxFile(f, downloads) for f, ok in zip(candidates, found) if ok]
 
 
