@@ -32,14 +32,21 @@ MMREC = [sys.executable, "-m", "mmrec"]
 OPTIONS = ["--max-shard-size", "4MB", "-q"]
 REPORT = "conversion_report.json"
 
-# Runs the CLI with os.<name> wrapped: its n-th call SIGKILLs the process, or with a marker path instead
-# of "kill", creates the marker and blocks forever (the test then acts and kills it).
+# Runs the CLI with os.<name> wrapped: the n-th call made by mmrec's own code SIGKILLs the process, or with a
+# marker path instead of "kill", creates the marker and blocks that thread forever (the test then acts and
+# kills it). Calls from libraries (torch's import in a background thread opens files too) are not counted,
+# so the n-th call is the same one in every run.
 HOOKED_CLI = textwrap.dedent("""
     import os, signal, sys, threading
+    import mmrec
     name, n, action = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     real, lock, count = getattr(os, name), threading.Lock(), [0]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(mmrec.__file__)))
 
     def hooked(*args, **kwargs):
+        caller = sys._getframe(1).f_code.co_filename
+        if not caller.startswith(repo) or "site-packages" in caller:
+            return real(*args, **kwargs)  # only mmrec's own calls count (not a library's, e.g. torch's import)
         with lock:
             count[0] += 1
             hit = count[0] == n
