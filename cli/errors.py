@@ -14,8 +14,6 @@ import sys
 
 import typer
 
-from . import interrupts
-
 EXIT_INPUT, EXIT_USAGE, EXIT_REFUSED, EXIT_WRITE, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
 
 # Write failures after which the partial output is kept and `--resume` continues once the cause is fixed.
@@ -38,7 +36,7 @@ def _one_line(text: str) -> str:
 @contextlib.contextmanager
 def clean_errors(debug: bool = False, resumable: bool = False):
     """Turn exceptions into one line on stderr and an exit code (a traceback with --debug). `resumable`: the
-    command has a --resume, so a write failure's line says to fix the cause and rerun with it."""
+    command has a --resume, so an interruption's or a write failure's line says to rerun with it."""
     from mmrec.streaming.graph import SchedulerError
     from mmrec.streaming.output import OutputRefused
 
@@ -49,7 +47,8 @@ def clean_errors(debug: bool = False, resumable: bool = False):
     except KeyboardInterrupt:
         if debug:
             raise
-        raise fail(interrupts.message().removeprefix("error: "), EXIT_INTERRUPTED) from None
+        raise fail("interrupted" + ("; rerun with --resume to continue" if resumable else ""),
+                   EXIT_INTERRUPTED) from None
     except OutputRefused as exc:
         if debug:
             raise
