@@ -13,6 +13,7 @@ import threading
 
 from .checksums import PieceHasher, combine, piece_rows
 from .plan.model import TensorPlan
+from .sources.paths import remote_url
 
 _catalog_lock = threading.Lock()
 _catalogs: dict[str, tuple[str, object]] = {}  # source path -> (fingerprint, opened catalog)
@@ -30,7 +31,7 @@ def worker_catalog(source: str, fingerprint: str):
         cached = _catalogs.get(source)
         if cached is not None and cached[0] == fingerprint:
             return cached[1]
-        from .sources import SourceError, open_source, remote_url
+        from .sources import SourceError, open_source
 
         catalog = None
         if remote_url(source):  # only a URL imports the HTTP code (open_source would import it anyway)
@@ -196,8 +197,6 @@ def _copy_range(task: WriteTask, dst_fd: int, hasher: PieceHasher) -> None:
     first = src_start + task.row_start * task.row_bytes
     if task.nbytes == 0:
         return
-    from .sources.paths import remote_url
-
     if remote_url(src_path):  # a remote source (any case of the scheme): no map, stream it from the server
         _copy_from_server(task, first, dst_fd, hasher)
         return
@@ -219,13 +218,10 @@ def _copy_range(task: WriteTask, dst_fd: int, hasher: PieceHasher) -> None:
         mapping.madvise(mmap.MADV_WILLNEED)  # start reading the whole range now, ahead of the hashing
     try:
         view = memoryview(mapping)[first - aligned:]
+        take = _copy_sink(task, dst_fd, hasher)
         try:
             for done in range(0, task.nbytes, COPY_BLOCK):
-                block = view[done:done + COPY_BLOCK]
-                hasher.update(block)
-                with naming_os_errors(task.partial_path):
-                    _pwrite_all(dst_fd, block, task.first_byte + done)
-                del block
+                take(view[done:done + COPY_BLOCK])  # the slice goes with the call: the map can close after
         finally:
             view.release()
     finally:
@@ -237,14 +233,13 @@ def _copy_range(task: WriteTask, dst_fd: int, hasher: PieceHasher) -> None:
 
 def _copy_by_reading(task: WriteTask, src_fd: int, first: int, dst_fd: int, hasher: PieceHasher) -> None:
     buffer = memoryview(bytearray(min(COPY_BLOCK, task.nbytes)))
+    take = _copy_sink(task, dst_fd, hasher)
     done = 0
     while done < task.nbytes:
         got = os.preadv(src_fd, [buffer[:min(len(buffer), task.nbytes - done)]], first + done)
         if got == 0:
             raise OSError(errno.EIO, f"source file ends before byte {first + task.nbytes}")
-        hasher.update(buffer[:got])
-        with naming_os_errors(task.partial_path):
-            _pwrite_all(dst_fd, buffer[:got], task.first_byte + done)
+        take(buffer[:got])
         done += got
 
 
@@ -252,6 +247,12 @@ def _copy_from_server(task: WriteTask, first: int, dst_fd: int, hasher: PieceHas
     """_copy_by_reading for a remote source: the range comes as HTTP range requests in blocks of at most
     COPY_BLOCK (a dropped connection resumes where it stopped), each block hashed and written as it arrives."""
     catalog = worker_catalog(task.source, task.fingerprint)
+    catalog.stream(task.copy_from[0], first, task.nbytes, _copy_sink(task, dst_fd, hasher), COPY_BLOCK)
+
+
+def _copy_sink(task: WriteTask, dst_fd: int, hasher: PieceHasher):
+    """take(block): hash the next block of a copied range and write it at its place in the shard. The
+    three ways a range is read (a map, preadv, HTTP) all hand their blocks, in order, to one of these."""
     done = 0
 
     def take(block) -> None:
@@ -261,7 +262,7 @@ def _copy_from_server(task: WriteTask, first: int, dst_fd: int, hasher: PieceHas
             _pwrite_all(dst_fd, block, task.first_byte + done)
         done += len(block)
 
-    catalog.stream(task.copy_from[0], first, task.nbytes, take, COPY_BLOCK)
+    return take
 
 
 _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02

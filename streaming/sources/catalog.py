@@ -298,13 +298,20 @@ def load_json(path: Path) -> dict:
             os.close(fd)
             raise SourceError(f"{path}: is not a regular file; only regular files are read")
         os.set_blocking(fd, True)
-        with open(fd, encoding="utf-8") as f:
-            data = json.load(f)
+        with open(fd, "rb") as f:
+            data = f.read()
     except OSError as exc:
         raise SourceError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    return parse_json_object(path, data)
+
+
+def parse_json_object(where, data: bytes) -> dict:
+    """The JSON object in `data` (a file's bytes; `where` names the file or URL), or one SourceError."""
+    try:
+        value = json.loads(data.decode("utf-8"))
     except (ValueError, RecursionError) as exc:  # bad JSON/UTF-8, over-long integers, absurd nesting
         reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
-        raise SourceError(f"{path}: not valid JSON ({reason})") from None
-    if not isinstance(data, dict):
-        raise SourceError(f"{path}: expected a JSON object")
-    return data
+        raise SourceError(f"{where}: not valid JSON ({reason})") from None
+    if not isinstance(value, dict):
+        raise SourceError(f"{where}: expected a JSON object")
+    return value

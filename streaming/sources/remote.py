@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -20,11 +19,10 @@ import weakref
 from urllib.parse import quote, unquote, urlsplit
 
 from mmrec.safetensors_format import SafetensorsFormatError, header_length, parse_header
-
 from mmrec.shards import INDEX_NAME, SINGLE_NAME, TOKENIZER_FILES
 
-from .catalog import (Piece, SourceCatalog, SourceError, SourceTensor, build_tensors,
-                      contiguous_strides, normalize_name)
+from .catalog import (Piece, SourceCatalog, SourceError, SourceTensor, build_tensors, contiguous_strides,
+                      normalize_name, parse_json_object)
 from .http_range import HttpFile, RemoteError, origin
 from .safetensors_source import check_index_matches
 
@@ -196,7 +194,7 @@ def _open_remote(url: str) -> RemoteCatalog:
         # missing key); model.safetensors, probed next, gets no such leniency
         data = index_file.fetch_whole(MAX_JSON_BYTES, missing_ok=named is None, denied_ok=named is None)
         if data is not None:
-            index = (index_file, _parse_json(index_file.url, data))
+            index = (index_file, parse_json_object(index_file.url, data))
     if index is not None:
         names, by_name = _files_from_index(index[0].url, index[1])
         files = {f.url: f for f in map(remote, names)}
@@ -207,7 +205,7 @@ def _open_remote(url: str) -> RemoteCatalog:
         files = {single.url: single}
     config_file = remote("config.json")
     config_bytes = config_file.fetch_whole(MAX_JSON_BYTES, missing_ok=True, denied_ok=True)
-    config = None if config_bytes is None else _parse_json(config_file.url, config_bytes)
+    config = None if config_bytes is None else parse_json_object(config_file.url, config_bytes)
 
     with concurrent.futures.ThreadPoolExecutor(min(HEADER_THREADS, len(files))) as pool:
         entries = [t for ts in pool.map(_header_entries, files.values()) for t in ts]
@@ -229,17 +227,6 @@ def _nothing_there(base: str, remote) -> SourceError:
             return _torch_refusal(str(RemotePath(base) / name))
     return SourceError(f"{base}: no {INDEX_NAME} or {SINGLE_NAME} there (neither was found); a remote source "
                        "must be a safetensors checkpoint")
-
-
-def _parse_json(url: str, data: bytes) -> dict:
-    try:
-        value = json.loads(data.decode("utf-8"))
-    except (ValueError, RecursionError) as exc:  # as load_json: bad UTF-8/JSON, huge integers, deep nesting
-        reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
-        raise SourceError(f"{url}: not valid JSON ({reason})") from None
-    if not isinstance(value, dict):
-        raise SourceError(f"{url}: expected a JSON object")
-    return value
 
 
 def _files_from_index(index_url: str, index: dict) -> tuple[list[str], dict[str, str]]:
