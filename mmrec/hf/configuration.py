@@ -11,6 +11,9 @@ from .. import config as runtime_config
 # The runtime config's model fields (torch_dtype travels as transformers' `dtype`).
 RUNTIME_FIELDS = tuple(f.name for f in dataclasses.fields(runtime_config.MMRecConfig)
                        if f.name not in ("extra", "torch_dtype"))
+# Their defaults are the runtime's, read from it, so the two configs cannot drift apart.
+_RUNTIME_DEFAULTS = {f.name: None if f.default is dataclasses.MISSING else f.default
+                     for f in dataclasses.fields(runtime_config.MMRecConfig) if f.name in RUNTIME_FIELDS}
 
 
 class MMRecConfig(PretrainedConfig):
@@ -22,26 +25,16 @@ class MMRecConfig(PretrainedConfig):
     attribute_map = {"hidden_size": "model_dim", "num_hidden_layers": "num_layers",
                      "num_attention_heads": "num_heads", "intermediate_size": "ffn_dim"}
 
-    def __init__(self, vocab_size=None, model_dim=4096, num_layers=24, num_heads=8, ffn_dim=None, inner_dim=None,
-                 ffn_act="gelu", ffn_gated=False, memory_slots=1024, hds_levels=3, memory_segment_len=8192,
-                 dropout=0.1, norm_eps=1e-6, tie_word_embeddings=True, use_cache=True, **kwargs):
-        self.vocab_size = vocab_size
-        self.model_dim = model_dim
-        self.num_layers = num_layers
-        self.num_heads = num_heads
-        self.ffn_dim = ffn_dim
-        self.inner_dim = inner_dim
-        self.ffn_act = ffn_act
-        self.ffn_gated = ffn_gated
-        self.memory_slots = memory_slots
-        self.hds_levels = hds_levels
-        self.memory_segment_len = memory_segment_len
-        self.dropout = dropout
-        self.norm_eps = norm_eps
+    def __init__(self, use_cache: bool = True, **kwargs):
+        """The runtime config's fields with the runtime's own defaults (vocab_size: None until given)."""
+        for name in RUNTIME_FIELDS:
+            if name != "tie_word_embeddings":  # transformers' own __init__ sets that one
+                setattr(self, name, kwargs.pop(name, _RUNTIME_DEFAULTS[name]))
         self.use_cache = use_cache
+        kwargs.setdefault("tie_word_embeddings", _RUNTIME_DEFAULTS["tie_word_embeddings"])
         kwargs.setdefault("architectures", ["MMRecForCausalLM"])
-        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
-        if vocab_size is not None:  # transformers builds a default config first; a real one is checked here
+        super().__init__(**kwargs)
+        if self.vocab_size is not None:  # transformers builds a default config first; a real one is checked here
             resolved = self.to_runtime()
             self.ffn_dim, self.inner_dim = resolved.ffn_dim, resolved.inner_dim
 
