@@ -179,8 +179,8 @@ class OutputState:
         """Create or reuse the state dir; return the shards a resume may keep."""
         self.check(resume, overwrite)
         if self.output_exists():
+            self._lock()  # held from here on: nobody else can start on this output meanwhile
             if resume:  # check() let it through: an interrupted conversion is there
-                self._lock()
                 try:  # compared under the lock: nobody can rewrite run.json meanwhile
                     self._check_identity(identity)
                 except OutputRefused:
@@ -190,14 +190,9 @@ class OutputState:
                     return self._complete_shards(shard_names)
                 # no run recorded yet (stopped right after taking the lock): this run starts the state, and
                 # like an --overwrite removes what an earlier conversion left (the stop may have come first)
-                for path in self.stale_outputs(aux_names):
-                    if path.is_file():
-                        path.unlink()
-            else:
-                self._lock()  # --overwrite; held from here on: nobody else can start on this output meanwhile
-                for path in self.stale_outputs(aux_names):
-                    if path.is_file():
-                        path.unlink()
+            for path in self.stale_outputs(aux_names):
+                if path.is_file():
+                    path.unlink()
         self._lock()
         self._clear_state()
         write_atomic(self.path / "run.json", json.dumps(identity, indent=2, sort_keys=True))
