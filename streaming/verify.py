@@ -42,9 +42,9 @@ class VerifyResult:
         return dataclasses.asdict(self) | {"ok": self.ok}
 
 
-def _locate(output: Path, problems: list[str]) -> tuple[list[Path], Path | None, Path]:
-    """(shard files, index or None, report path) of an output directory or single file. An index that
-    cannot be read, or names a file outside the directory, is a problem, never followed."""
+def _locate(output: Path, problems: list[str]) -> tuple[list[Path], tuple[Path, dict] | None, Path]:
+    """(shard files, (index path, its JSON) or None, report path) of an output directory or single file. An
+    index that cannot be read, or names a file outside the directory, is a problem, never followed."""
     if output.is_file():
         return [output], None, output.with_name(output.name.removesuffix(".safetensors") + "." + REPORT_NAME)
     index = output / INDEX_NAME
@@ -61,7 +61,7 @@ def _locate(output: Path, problems: list[str]) -> tuple[list[Path], Path | None,
             problems.append(f"{index}: names a file outside the checkpoint: {name!r}")
         else:
             files.append(output / name)
-    return files, index, output / REPORT_NAME
+    return files, (index, index_data), output / REPORT_NAME
 
 
 def verify(output: str | Path, source: str | Path | None = None, block_bytes: int = 64 << 20) -> VerifyResult:
@@ -70,7 +70,7 @@ def verify(output: str | Path, source: str | Path | None = None, block_bytes: in
     if not output.exists():
         result.problems.append(f"{output}: does not exist")
         return result
-    files, index_path, report_path = _locate(output, result.problems)
+    files, index, report_path = _locate(output, result.problems)
     if not files:
         result.problems.append(f"{output}: no .safetensors files")
         return result
@@ -94,8 +94,8 @@ def verify(output: str | Path, source: str | Path | None = None, block_bytes: in
     if missing_report is not None and missing_report[1]:  # a source checkpoint: nothing else to say about it
         result.problems[:] = [missing_report[0]]
         return result
-    if index_path is not None:
-        _check_index(index_path, _read_json_object(index_path, _index_shape_problem)[0], spans, result)
+    if index is not None:
+        _check_index(*index, spans, result)
     config = _config(output, files, headers, result)
     if config is not None:
         _check_schema(config, spans, result)
