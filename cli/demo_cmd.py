@@ -10,8 +10,7 @@ import typer
 
 from .errors import EXIT_REFUSED, EXIT_USAGE, clean_errors, fail
 
-DTYPE_NAMES = {"bf16": "BF16", "bfloat16": "BF16", "f16": "F16", "fp16": "F16", "float16": "F16",
-               "f32": "F32", "fp32": "F32", "float32": "F32"}
+SYNTH_DTYPES = ("BF16", "F16", "F32")
 DEMO_DIRS = ("tiny-llama", "tiny-mmrec")
 
 
@@ -36,8 +35,14 @@ def synth(
 
     if preset not in PRESETS:
         raise fail(f"--preset: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}", EXIT_USAGE)
-    code = DTYPE_NAMES.get(dtype.lower())
-    if code is None:
+    from mmrec.streaming.plan.model import PlanError
+    from mmrec.streaming.plan.target import dtype_code
+
+    try:
+        code = dtype_code(dtype)  # the one dtype-name table: bf16, bfloat16, torch.float16, F32, ...
+    except PlanError:
+        code = None
+    if code not in SYNTH_DTYPES:
         raise fail(f"--dtype: unknown dtype {dtype!r}; choose one of BF16, F16 or F32", EXIT_USAGE)
     try:
         parse_size(max_shard_size)
