@@ -30,12 +30,21 @@ class NonFiniteWeights(ValueError):
     """The model holds NaN or inf weights: refused rather than written."""
 
 
+def non_finite_parameter(module: torch.nn.Module, dtype: torch.dtype | None = None) -> str | None:
+    """The name of the first floating parameter holding a NaN or inf (once cast to `dtype`, the dtype it will
+    be stored in, when given), else None: fine-tuning and distillation never write such a value."""
+    for name, param in module.named_parameters():
+        if param.is_floating_point() and not bool(torch.isfinite(param.detach().to(dtype or param.dtype)).all()):
+            return name
+    return None
+
+
 def check_finite(model: MMRecModel) -> None:
     """Raise NonFiniteWeights naming the first parameter that holds a NaN or inf (nothing is written then)."""
-    for name, param in model.named_parameters():
-        if param.is_floating_point() and not bool(torch.isfinite(param.detach()).all()):
-            raise NonFiniteWeights(f"weight {name!r} became non-finite (NaN or inf) during training; nothing "
-                                   "was saved; lower --lr or set --grad-clip")
+    name = non_finite_parameter(model)
+    if name is not None:
+        raise NonFiniteWeights(f"weight {name!r} became non-finite (NaN or inf) during training; nothing "
+                               "was saved; lower --lr or set --grad-clip")
 
 
 def write_model(model: MMRecModel, directory: Path, max_shard_size: str, dtype=None) -> None:

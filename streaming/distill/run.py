@@ -28,6 +28,7 @@ import torch
 from mmrec.checkpoint import (LazyStateDict, _set_parameter, checkpoint_file_paths, map_safetensors, parse_size,
                               save_pretrained, write_safetensors)
 from mmrec.model import MMRecBlock, MMRecModel
+from mmrec.training.outputs import non_finite_parameter
 from mmrec.shards import TOKENIZER_FILES
 from mmrec.training.data import load_tokenizer, read_documents, tokenize_documents
 from mmrec.training.device import resolve_device
@@ -182,11 +183,11 @@ def _prepare_output(options: DistillOptions) -> dict:
 def check_finite(module: torch.nn.Module, what: str, dtype: torch.dtype | None = None) -> None:
     """Never write a non-finite value we computed (checked in the dtype it will be stored in): one error
     naming the tensor instead."""
-    for name, param in module.named_parameters():
-        if not bool(torch.isfinite(param.detach().to(dtype or param.dtype)).all()):
-            raise TrainingError(f"{what}: {name} has non-finite values after training"
-                                f"{f' once stored as {dtype}' if dtype else ''}; nothing was written "
-                                f"(lower --lr / --e2e-lr)")
+    name = non_finite_parameter(module, dtype)
+    if name is not None:
+        raise TrainingError(f"{what}: {name} has non-finite values after training"
+                            f"{f' once stored as {dtype}' if dtype else ''}; nothing was written "
+                            f"(lower --lr / --e2e-lr)")
 
 
 def _save_block(block: torch.nn.Module, path: Path, dtype: torch.dtype) -> None:
