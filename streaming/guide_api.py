@@ -32,7 +32,6 @@ from .convert import ConvertOptions, convert, make_plan
 from .plan.mapping import ModelWeightConverter
 from .plan.target import OVERRIDE_KEYS
 
-_SIZE_FIELDS = OVERRIDE_KEYS  # the target sizes a config may set
 # Fields a model may set as it likes: they change neither the parameters nor what they compute in eval.
 _FREE_FIELDS = ("dropout", "torch_dtype", "extra")
 
@@ -89,7 +88,7 @@ def convert_model_weights(source_checkpoint_path, target_model=None, output_path
     ConvertOptions (e.g. dtype, max_shard_size, layer_map, mapping, seed).
     """
     config = _config_of(target_model)
-    overrides = {} if config is None else {field: getattr(config, field) for field in _SIZE_FIELDS}
+    overrides = {} if config is None else {field: getattr(config, field) for field in OVERRIDE_KEYS}
     plan_args = dict(strict=strict, initialize_new=initialize_new, converter=converter, **options)
     if config is not None:
         _check_target(source_checkpoint_path, config,
@@ -132,7 +131,7 @@ def _check_target(source, ours: MMRecConfig, planned: MMRecConfig) -> None:
     if not differ:
         return
     diffs = ", ".join(f"{name}={getattr(ours, name)!r} vs {getattr(planned, name)!r}" for name in differ)
-    sizes = ", ".join(f"{field}={getattr(ours, field)}" for field in _SIZE_FIELDS)
+    sizes = ", ".join(f"{field}={getattr(ours, field)}" for field in OVERRIDE_KEYS)
     raise TargetModelError(
         f"target_model cannot hold the conversion of {str(source)!r}: {diffs} (target_model vs conversion); "
         f"build it with MMRecModel(target_config({str(source)!r}, {sizes})), target_config from "
