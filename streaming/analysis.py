@@ -13,6 +13,7 @@ import math
 import re
 from collections import Counter
 
+from mmrec.config import MAX_SIZE_FIELD  # the MM-Rec config's own bound: far above any model
 from mmrec.messages import short
 
 from .families import FAMILIES
@@ -24,9 +25,7 @@ _BY_MARKERS = sorted(((model_type, spec) for model_type, cls in FAMILIES.items()
                       for spec in (cls.sizes, *cls.other_sizes) if spec.markers),
                      key=lambda item: -len(item[1].markers))
 
-# The largest size any config field may state: far above any real model, far below what would make a
-# later product of sizes (bytes, rows) overflow or allocate without bound.
-MAX_CONFIG_SIZE = 2**40
+# Source config fields that hold a size: bounded like the MM-Rec config's own (MAX_SIZE_FIELD).
 _SIZE_FIELDS = ("vocab_size", "model_dim", "num_layers", "num_heads", "num_kv_heads", "head_dim", "ffn_dim")
 
 # Non-parameter buffers some checkpoints carry (causal masks, rotary tables).
@@ -232,7 +231,7 @@ def _checked_field(catalog: SourceCatalog, field: str, key: str, value):
     is_int = isinstance(value, int) and not isinstance(value, bool)
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if field in _SIZE_FIELDS:
-        if not is_int or not 1 <= value <= MAX_CONFIG_SIZE:
+        if not is_int or not 1 <= value <= MAX_SIZE_FIELD:
             problem = f"a whole number from 1 to 2^40, got {_describe(value)}"
         else:
             return value
